@@ -1,0 +1,295 @@
+"""The artifact contract: ``sdexport.json``, written by the exporter and read by the runtime.
+
+An artifact directory holds one manifest, the tokenizer files, the scheduler config and one folder
+per component. The manifest says, for every component, which backend runs it, which files it is
+made of (with sizes and sha256), its precision, its input/output names, dtypes and shapes (symbolic
+where dynamic) and the parity measured against torch at export; and, for the model, everything the
+denoising loop needs to know (latent channels, VAE scale, prediction type, ControlNet residual layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "MANIFEST_NAME",
+    "ManifestError",
+    "TensorSpec",
+    "FileRef",
+    "Component",
+    "ModelInfo",
+    "Manifest",
+    "sha256_file",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "sdexport.json"
+
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
+ROLES = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "controlnet")
+
+
+class ManifestError(ValueError):
+    """The artifact directory or its manifest cannot be used; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]  # ints are fixed, strings name a dynamic axis
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TensorSpec":
+        dtype = data["dtype"]
+        if dtype not in DTYPES:
+            raise ManifestError(f"tensor {data.get('name')!r}: unknown dtype {dtype!r}")
+        return cls(str(data["name"]), dtype, tuple(data["shape"]))
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRef:
+    path: str  # relative to the artifact directory, "/"-separated
+    sha256: str
+    bytes: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FileRef":
+        return cls(str(data["path"]), str(data["sha256"]), int(data["bytes"]))
+
+    @classmethod
+    def of(cls, root: Path, path: Path) -> "FileRef":
+        return cls(path.relative_to(root).as_posix(), sha256_file(path), path.stat().st_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    name: str  # "text_encoder", "unet", "unet_control", "controlnet/canny", ...
+    role: str
+    backend: str  # "onnxruntime" | "openvino" | "coreml" | "tensorrt"
+    files: tuple[FileRef, ...]  # the first file is the one a backend opens
+    precision: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    parity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. ops kept in fp32, control inputs
+
+    @property
+    def main_file(self) -> FileRef:
+        return self.files[0]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+    def input(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def to_json(self) -> dict:
+        return {
+            "role": self.role,
+            "backend": self.backend,
+            "files": [f.to_json() for f in self.files],
+            "precision": self.precision,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "parity": self.parity,
+            "details": self.details,
+        }
+
+    @classmethod
+    def from_json(cls, name: str, data: dict) -> "Component":
+        role = data["role"]
+        if role not in ROLES:
+            raise ManifestError(f"component {name!r}: unknown role {role!r}")
+        files = tuple(FileRef.from_json(f) for f in data["files"])
+        if not files:
+            raise ManifestError(f"component {name!r} lists no files")
+        return cls(
+            name=name,
+            role=role,
+            backend=str(data["backend"]),
+            files=files,
+            precision=str(data["precision"]),
+            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+            parity=dict(data.get("parity") or {}),
+            details=dict(data.get("details") or {}),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the denoising loop needs to know about the model, independent of any backend."""
+
+    family: str  # "sd1", "sd2", "sd2-v", "inpainting", ...
+    prediction_type: str  # "epsilon" | "v_prediction" | "sample"
+    latent_channels: int
+    unet_in_channels: int  # 9 for inpainting U-Nets
+    vae_scale_factor: int  # pixels per latent cell (8 for SD)
+    vae_scaling_factor: float  # latents are multiplied by this before the U-Net
+    vae_shift_factor: float | None
+    text_hidden_size: int
+    max_length: int
+    default_height: int
+    default_width: int
+    time_cond_proj_dim: int | None = None  # guidance-embedding U-Nets (LCM distilled)
+    # ControlNet residuals the U-Net takes: per residual, [channels, downsampling relative to latents].
+    control_residuals: tuple[tuple[int, int], ...] = ()
+    recommended: dict[str, Any] = dataclasses.field(default_factory=dict)  # default steps/guidance/scheduler
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.unet_in_channels == 2 * self.latent_channels + 1
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["control_residuals"] = [list(r) for r in self.control_residuals]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelInfo":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ManifestError(f"model section has unknown keys: {', '.join(sorted(unknown))}")
+        data = dict(data)
+        data["control_residuals"] = tuple(tuple(r) for r in data.get("control_residuals", ()))
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    model: ModelInfo
+    components: dict[str, Component]
+    tokenizer_dir: str = "tokenizer"
+    scheduler_config: str = "scheduler/scheduler_config.json"
+    exporter: dict[str, Any] = dataclasses.field(default_factory=dict)
+    profile: dict[str, Any] = dataclasses.field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    root: Path | None = dataclasses.field(default=None, compare=False)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def component(self, name: str) -> Component:
+        try:
+            return self.components[name]
+        except KeyError:
+            have = ", ".join(sorted(self.components)) or "none"
+            raise ManifestError(f"this export has no {name!r} component (it has: {have})") from None
+
+    def controlnets(self) -> dict[str, Component]:
+        return {c.name.split("/", 1)[1]: c for c in self.components.values() if c.role == "controlnet"}
+
+    def by_role(self, role: str) -> list[Component]:
+        return [c for c in self.components.values() if c.role == role]
+
+    # -- (de)serialisation ---------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "model": self.model.to_json(),
+            "tokenizer": self.tokenizer_dir,
+            "scheduler_config": self.scheduler_config,
+            "components": {name: c.to_json() for name, c in self.components.items()},
+            "exporter": self.exporter,
+            "profile": self.profile,
+        }
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_json(cls, data: dict, root: Path | None = None) -> "Manifest":
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise ManifestError("manifest has no integer schema_version")
+        if version > SCHEMA_VERSION:
+            raise ManifestError(
+                f"manifest schema version {version} is newer than this runtime understands "
+                f"({SCHEMA_VERSION}); upgrade sdexport to use this export"
+            )
+        try:
+            return cls(
+                model=ModelInfo.from_json(data["model"]),
+                components={n: Component.from_json(n, c) for n, c in data["components"].items()},
+                tokenizer_dir=data.get("tokenizer", "tokenizer"),
+                scheduler_config=data.get("scheduler_config", "scheduler/scheduler_config.json"),
+                exporter=dict(data.get("exporter") or {}),
+                profile=dict(data.get("profile") or {}),
+                schema_version=version,
+                root=root,
+            )
+        except ManifestError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"malformed manifest: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def load(cls, directory: str | Path, check_files: bool = True) -> "Manifest":
+        """Read ``DIR/sdexport.json``; with ``check_files``, every listed file must exist with its size."""
+        directory = Path(directory)
+        path = directory / MANIFEST_NAME
+        if not directory.is_dir():
+            raise ManifestError(f"{directory}: not a directory")
+        if not path.is_file():
+            raise ManifestError(f"{directory}: no {MANIFEST_NAME} here; is this an sdexport output directory?")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ManifestError(f"{path}: expected a JSON object")
+        try:
+            manifest = cls.from_json(data, root=directory)
+        except ManifestError as e:
+            raise ManifestError(f"{path}: {e}") from None
+        if check_files:
+            if manifest.exporter.get("dry_run"):
+                raise ManifestError(f"{path}: a dry-run plan, not an export; run sdexport export without --dry-run")
+            manifest.check_files(verify_hashes=False)
+        return manifest
+
+    def check_files(self, verify_hashes: bool = False, components: Iterable[str] | None = None) -> None:
+        """Every file present with its recorded size (and, if asked, sha256)."""
+        root = self.root or Path(".")
+        for name in components or self.components:
+            for ref in self.components[name].files:
+                path = root / ref.path
+                if not path.is_file():
+                    raise ManifestError(f"{path}: missing file of component {name!r}")
+                size = path.stat().st_size
+                if size != ref.bytes:
+                    raise ManifestError(
+                        f"{path}: {size} bytes, the manifest says {ref.bytes}; the file is damaged or was replaced"
+                    )
+                if verify_hashes and sha256_file(path) != ref.sha256:
+                    raise ManifestError(f"{path}: sha256 differs from the manifest; the file is damaged or was replaced")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,344 @@
+"""``sdexport bench``: latency and parity of an export against diffusers, in one process.
+
+The same prompts, seeds and scheduler go through diffusers (PyTorch, fp32, this machine) and through
+the runtime on the artifacts. Reported: per-component latency (median and spread after warm-up),
+per-step and end-to-end time, cold start and peak resident memory (each engine in a child process,
+from process start to the first image), artifact size, and parity per seed (latent max abs error,
+image PSNR and SSIM, latent PSNR at every step). Written as JSON, markdown and PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from runtime.files import write_file_atomic
+from runtime.manifest import Manifest
+from runtime.metrics import finite, max_abs_error, psnr, ssim
+from runtime.pipeline import Pipeline
+from sdexport.components import model_info
+from sdexport.errors import SourceError
+from sdexport.machine import machine_info
+from sdexport.reference_schedulers import use_scheduler
+from sdexport.sources import DiffusersSource
+
+DEFAULT_PROMPTS = ("a red circle in the top left on a blue background", "a photo of a lighthouse at sunset, 8k")
+
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    seeds: tuple[int, ...] = (1, 2)
+    scheduler: str = "dpmpp-2m"
+    steps: int = 20
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    repeats: int = 5
+    warmup: int = 1
+    cold_start: bool = True
+    threads: int = 0
+    backend_options: dict = dataclasses.field(default_factory=dict)
+
+
+def _timeit(fn, repeats: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    return {"median_ms": float(np.median(samples)), "min_ms": samples[0], "max_ms": samples[-1],
+            "iqr_ms": float(np.percentile(samples, 75) - np.percentile(samples, 25)), "repeats": repeats}
+
+
+def check_reference(source: DiffusersSource, manifest: Manifest) -> None:
+    """The reference must be the exported model: same architecture, and the same weights (the text
+    encoders must agree on a prompt), or the parity numbers would be meaningless."""
+    ref, ours = model_info(source), manifest.model
+    for field in ("latent_channels", "unet_in_channels", "vae_scale_factor", "text_hidden_size", "prediction_type"):
+        if getattr(ref, field) != getattr(ours, field):
+            raise SourceError(
+                f"reference {source.path} does not match the artifacts in {manifest.root}: "
+                f"{field} is {getattr(ref, field)} in the reference but {getattr(ours, field)} in the export"
+            )
+
+
+def _reference_pipeline(source: DiffusersSource, scheduler: str):
+    import diffusers
+
+    cls = diffusers.StableDiffusionInpaintPipeline if model_info(source).is_inpainting else diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(str(source.path), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    use_scheduler(pipe, scheduler)
+    return pipe
+
+
+def _inpaint_inputs(height: int, width: int):
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    image = Image.fromarray(np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
+                                      np.full_like(x, 128)], -1).astype(np.uint8))
+    mask = Image.fromarray(((abs(x - width / 2) < width / 4) & (abs(y - height / 2) < height / 4)).astype(np.uint8) * 255)
+    return image, mask
+
+
+_COLD_RUNTIME = """
+import sys, time
+start = float(sys.argv[1])
+from sdexport.machine import peak_rss_kb
+from runtime.pipeline import Pipeline
+pipe = Pipeline.from_dir(sys.argv[2])
+pipe.generate(sys.argv[3], steps=int(sys.argv[4]), height=int(sys.argv[5]), width=int(sys.argv[6]), scheduler=sys.argv[7])
+print(time.time() - start, peak_rss_kb())
+"""
+
+_COLD_DIFFUSERS = """
+import sys, time
+start = float(sys.argv[1])
+from sdexport.machine import peak_rss_kb
+import torch
+from sdexport.bench import _reference_pipeline
+from sdexport.sources import DiffusersSource
+pipe = _reference_pipeline(DiffusersSource.open(sys.argv[2]), sys.argv[7])
+with torch.no_grad():
+    pipe(sys.argv[3], num_inference_steps=int(sys.argv[4]), height=int(sys.argv[5]), width=int(sys.argv[6]))
+print(time.time() - start, peak_rss_kb())
+"""
+
+
+def cold_start(code: str, target: str, prompt: str, steps: int, height: int, width: int, scheduler: str) -> dict:
+    """Process start to first image in a fresh interpreter, and that process's peak resident memory."""
+    proc = subprocess.run([sys.executable, "-c", code, repr(time.time()), target, prompt, str(steps), str(height),
+                           str(width), scheduler], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"cold-start child failed: {last}")
+    seconds, maxrss_kb = proc.stdout.strip().splitlines()[-1].split()
+    return {"seconds": float(seconds), "peak_rss_mb": int(maxrss_kb) / 1024}
+
+
+def run_bench(artifact: str | Path, reference: str | Path, config: BenchConfig = BenchConfig(), progress: bool = True) -> dict:
+    manifest = Manifest.load(artifact)
+    source = DiffusersSource.open(reference)
+    check_reference(source, manifest)
+    info = manifest.model
+    height = config.height or info.default_height
+    width = config.width or info.default_width
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    options = dict(config.backend_options)
+    if config.threads:
+        options["threads"] = config.threads
+    pipe = Pipeline.from_dir(artifact, options=options or None)
+    ref = _reference_pipeline(source, config.scheduler)
+    # The weights must agree too: the text encoders on one prompt.
+    ids = pipe.tokenizer([config.prompts[0]])
+    ours_text = pipe.session("text_encoder").run({"input_ids": ids})["last_hidden_state"]
+    with torch.no_grad():
+        ref_text = ref.text_encoder(torch.from_numpy(ids))[0].numpy()
+    text_psnr = psnr(ref_text, ours_text)
+    if text_psnr < 20:
+        raise SourceError(f"reference {source.path} does not match the artifacts in {manifest.root}: "
+                          f"their text encoders disagree (PSNR {text_psnr:.1f} dB)")
+
+    total = 4 + len(config.prompts) * len(config.seeds) + (2 if config.cold_start else 0)
+    with tqdm(total=total, desc="bench", disable=not progress, file=sys.stderr) as bar:
+        return _measure(pipe, ref, manifest, info, ids, text_psnr, config, height, width, artifact, reference, bar)
+
+
+def _measure(pipe, ref, manifest, info, ids, text_psnr, config, height, width, artifact, reference, bar) -> dict:
+    # --- per-component latency, both engines, same inputs -------------------------------------
+    rng = np.random.default_rng(0)
+    f = info.vae_scale_factor
+    n = 2  # one prompt under classifier-free guidance
+    feeds = {
+        "text_encoder": {"input_ids": np.repeat(ids, n, axis=0)},
+        "unet": {"sample": rng.standard_normal((n, info.unet_in_channels, height // f, width // f), np.float32),
+                 "timestep": np.full((n,), 500.0, np.float32),
+                 "encoder_hidden_states": rng.standard_normal((n, info.max_length, info.text_hidden_size), np.float32)},
+        "vae_decoder": {"latent_sample": rng.standard_normal((1, info.latent_channels, height // f, width // f), np.float32)},
+        "vae_encoder": {"sample": rng.uniform(-1, 1, (1, 3, height, width)).astype(np.float32)},
+    }
+    torch_calls = {
+        "text_encoder": lambda x: ref.text_encoder(torch.from_numpy(x["input_ids"])),
+        "unet": lambda x: ref.unet(torch.from_numpy(x["sample"]), torch.from_numpy(x["timestep"]),
+                                   torch.from_numpy(x["encoder_hidden_states"])),
+        "vae_decoder": lambda x: ref.vae.decode(torch.from_numpy(x["latent_sample"])),
+        "vae_encoder": lambda x: ref.vae.encode(torch.from_numpy(x["sample"])),
+    }
+    components = {}
+    for name, feed in feeds.items():
+        if name not in manifest.components:
+            continue
+        session = pipe.session(name)
+        runtime_t = _timeit(lambda: session.run(feed), config.repeats, config.warmup)
+        with torch.no_grad():
+            torch_t = _timeit(lambda: torch_calls[name](feed), config.repeats, config.warmup)
+        components[name] = {"runtime": runtime_t, "pytorch": torch_t, "speedup": torch_t["median_ms"] / runtime_t["median_ms"],
+                            "batch": next(iter(feed.values())).shape[0]}
+        bar.update()
+
+    # --- end to end, per prompt and seed, with per-step latents --------------------------------
+    runs = []
+    extra = {}
+    if info.is_inpainting:
+        image, mask = _inpaint_inputs(height, width)
+        extra = {"image": image, "mask": mask}
+    for prompt in config.prompts:
+        for seed in config.seeds:
+            ours_steps, ours_times = [], []
+
+            def on_step(i, t, latents):
+                ours_steps.append(latents.copy())
+                ours_times.append(time.perf_counter())
+
+            start = time.perf_counter()
+            result = pipe.generate(prompt, steps=config.steps, guidance_scale=config.guidance_scale,
+                                   scheduler=config.scheduler, seed=seed, rng="torch", height=height, width=width,
+                                   callback=on_step, return_latents=True, **extra)
+            ours_total = time.perf_counter() - start
+            ref_steps, ref_times = [], []
+
+            def on_step_ref(p, i, t, kwargs):
+                ref_steps.append(kwargs["latents"].numpy().copy())
+                ref_times.append(time.perf_counter())
+                return kwargs
+
+            ref_extra = {"image": extra["image"], "mask_image": extra["mask"]} if extra else {}
+            start = time.perf_counter()
+            with torch.no_grad():
+                ref_image = ref(prompt, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                                height=height, width=width, generator=torch.Generator().manual_seed(seed),
+                                callback_on_step_end=on_step_ref, **ref_extra).images[0]
+            ref_total = time.perf_counter() - start
+            a, b = np.asarray(ref_image, np.float64), np.asarray(result.image, np.float64)
+            runs.append({
+                "prompt": prompt, "seed": seed,
+                "runtime_seconds": ours_total, "pytorch_seconds": ref_total,
+                "runtime_step_ms": float(np.median(np.diff(ours_times)) * 1e3) if len(ours_times) > 1 else None,
+                "pytorch_step_ms": float(np.median(np.diff(ref_times)) * 1e3) if len(ref_times) > 1 else None,
+                "runtime_overhead_share": result.overhead_seconds / result.timings["total"],
+                "latent_max_abs_err": max_abs_error(ref_steps[-1], result.latents),
+                "image_psnr_db": finite(psnr(a, b, peak=255.0)),
+                "image_ssim": ssim(a, b),
+                "latent_psnr_per_step_db": [finite(psnr(r, o)) for r, o in zip(ref_steps, ours_steps)],
+            })
+            bar.update()
+
+    # --- cold start and peak memory, each engine in its own process ----------------------------
+    cold = {}
+    if config.cold_start:
+        args = (config.prompts[0], config.steps, height, width, config.scheduler)
+        if not info.is_inpainting:
+            cold["runtime"] = cold_start(_COLD_RUNTIME, str(Path(artifact).resolve()), *args)
+            bar.update()
+            cold["pytorch"] = cold_start(_COLD_DIFFUSERS, str(Path(reference).resolve()), *args)
+            bar.update()
+
+    e2e_rt = [r["runtime_seconds"] for r in runs]
+    e2e_pt = [r["pytorch_seconds"] for r in runs]
+    return {
+        "schema": "sdexport-bench/1",
+        "artifact": str(artifact),
+        "reference": str(reference),
+        "machine": machine_info(),
+        "config": {**dataclasses.asdict(config), "height": height, "width": width},
+        "artifact_bytes": sum(c.size_bytes for c in manifest.components.values()),
+        "artifact_components": {k: {"bytes": c.size_bytes, "precision": c.precision, "backend": c.backend}
+                                for k, c in manifest.components.items()},
+        "text_encoder_psnr_db": finite(text_psnr),
+        "components": components,
+        "end_to_end": {
+            "runtime_median_s": float(np.median(e2e_rt)), "pytorch_median_s": float(np.median(e2e_pt)),
+            "speedup": float(np.median(e2e_pt) / np.median(e2e_rt)),
+            "runtime_step_ms": float(np.median([r["runtime_step_ms"] for r in runs if r["runtime_step_ms"]] or [0])),
+            "pytorch_step_ms": float(np.median([r["pytorch_step_ms"] for r in runs if r["pytorch_step_ms"]] or [0])),
+        },
+        "cold_start": cold,
+        "runs": runs,
+    }
+
+
+def write_report(result: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "bench.json", out_dir / "bench.md", out_dir / "latency.png", out_dir / "psnr_per_step.png"]
+    write_file_atomic(paths[0], (json.dumps(result, indent=2) + "\n").encode())
+    write_file_atomic(paths[1], (markdown(result) + "\n").encode())
+    _plots(result, paths[2], paths[3])
+    return paths
+
+
+def markdown(r: dict) -> str:
+    m, c = r["machine"], r["config"]
+    lines = [
+        f"# sdexport bench: {Path(r['artifact']).name} vs diffusers ({Path(r['reference']).name})",
+        "",
+        f"{m['cpu']} ({m['cores']} cores){', ' + m['gpu'] if m.get('gpu') else ''}; "
+        f"{c['width']}x{c['height']}, {c['steps']} steps {c['scheduler']}, guidance {c['guidance_scale']}; "
+        f"artifacts {r['artifact_bytes'] / 1e6:.1f} MB",
+        "",
+        "| component | batch | runtime ms (median, IQR) | PyTorch ms (median, IQR) | speedup |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in r["components"].items():
+        lines.append(f"| {name} | {v['batch']} | {v['runtime']['median_ms']:.2f} ({v['runtime']['iqr_ms']:.2f}) | "
+                     f"{v['pytorch']['median_ms']:.2f} ({v['pytorch']['iqr_ms']:.2f}) | {v['speedup']:.2f}x |")
+    e = r["end_to_end"]
+    lines += [
+        "",
+        f"End to end: runtime {e['runtime_median_s']:.3f} s, PyTorch {e['pytorch_median_s']:.3f} s ({e['speedup']:.2f}x); "
+        f"per step {e['runtime_step_ms']:.1f} ms vs {e['pytorch_step_ms']:.1f} ms.",
+    ]
+    if r["cold_start"]:
+        lines.append("Cold start (process start to first image) and peak RSS: " + "; ".join(
+            f"{k} {v['seconds']:.2f} s, {v['peak_rss_mb']:.0f} MB" for k, v in r["cold_start"].items()))
+    lines += ["", "| prompt | seed | image PSNR dB | SSIM | latent max abs err | runtime overhead |", "|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        p = run["image_psnr_db"]
+        lines.append(f"| {run['prompt'][:40]} | {run['seed']} | {'identical' if p is None else f'{p:.1f}'} | "
+                     f"{run['image_ssim']:.4f} | {run['latent_max_abs_err']:.2e} | {100 * run['runtime_overhead_share']:.2f}% |")
+    return "\n".join(lines)
+
+
+def _plots(r: dict, latency_png: Path, psnr_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(r["components"])
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(x - 0.2, [r["components"][n]["pytorch"]["median_ms"] for n in names], 0.4, label="diffusers (PyTorch)")
+    ax.bar(x + 0.2, [r["components"][n]["runtime"]["median_ms"] for n in names], 0.4, label="sdexport runtime")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("ms per call (median)")
+    ax.set_title("latency per component (lower is better)", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(latency_png, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for run in r["runs"]:
+        values = [v if v is not None else 150.0 for v in run["latent_psnr_per_step_db"]]
+        ax.plot(range(1, len(values) + 1), values, marker=".", label=f"seed {run['seed']}: {run['prompt'][:24]}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("latent PSNR vs diffusers (dB)")
+    ax.set_title("parity along the trajectory (identical plotted at 150 dB)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(psnr_png, dpi=120)
+    plt.close(fig)

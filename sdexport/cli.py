@@ -1,0 +1,593 @@
+"""The ``sdexport`` command: export, generate, inspect (and more as they land).
+
+``generate`` and ``inspect`` need only the runtime (numpy, Pillow, one backend): this module imports
+torch and the export side only inside the commands that use them. Errors a user can cause end in
+one line on stderr and exit status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        raise UsageError(message)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the user (imported lazily: no torch here)."""
+    from runtime.backends.base import BackendError
+    from runtime.image import ImageInputError
+    from runtime.manifest import ManifestError
+    from runtime.pipeline import PipelineInputError
+    from runtime.schedulers import SchedulerConfigError
+    from runtime.tokenizer import TokenizerError
+
+    errors: list[type[BaseException]] = [
+        UsageError, BackendError, ImageInputError, ManifestError, PipelineInputError, SchedulerConfigError,
+        TokenizerError,
+    ]
+    try:
+        from sdexport.errors import SdexportError
+
+        errors.append(SdexportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def cmd_export(args) -> int:
+    from sdexport import profile
+    from sdexport.export import export
+
+    options = profile.resolve(
+        args.profile,
+        target=args.target,
+        precision=args.precision,
+        height=args.height,
+        width=args.width,
+        batch=args.batch,
+        cfg=args.cfg,
+        controlnets=tuple(args.controlnet or ()),
+        loras=tuple(args.lora or ()),
+        source_config=args.config,
+        prediction_type=args.prediction_type,
+        few_step=args.few_step,
+        validate=not args.no_validate,
+        overwrite=args.overwrite,
+        dry_run=args.dry_run,
+    )
+    options = _with_quantize_flags(options, args)
+    options = _coreml_flags(args, options)
+    options = _gpu_flags(args, options)
+    manifest = export(args.source, args.out, options, progress=not args.quiet, command=sys.argv[1:])
+    if not args.quiet:
+        print(describe(manifest))
+    return 0
+
+
+def _with_quantize_flags(options, args):
+    """--min-psnr and the calibration flags go into the profile's [quantize] table (flags win)."""
+    import dataclasses
+
+    flags = {"min_psnr": args.min_psnr, "calibration_prompts": args.calibration_prompts,
+             "calibration_steps": args.calibration_steps}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if not flags:
+        return options
+    if args.min_psnr is not None and not 0 < args.min_psnr < 1000:
+        raise UsageError(f"--min-psnr {args.min_psnr:g}: expected a PSNR in dB, e.g. 35")
+    for name in ("calibration_prompts", "calibration_steps"):
+        if flags.get(name) is not None and flags[name] < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    quantize = {**(options.profile.get("quantize") or {}), **flags}
+    return dataclasses.replace(options, profile={**options.profile, "quantize": quantize})
+
+
+def _gpu_flags(args, options):
+    """--optimize into the profile's [onnx] table, --qdq-onnx into [tensorrt] (flags win)."""
+    import dataclasses
+
+    profile = dict(options.profile)
+    if args.optimize is not None:
+        profile["onnx"] = {**(profile.get("onnx") or {}), "optimize": args.optimize}
+    if args.qdq_onnx is not None:
+        profile["tensorrt"] = {**(profile.get("tensorrt") or {}), "qdq_onnx": args.qdq_onnx}
+    return dataclasses.replace(options, profile=profile)
+
+
+def _coreml_flags(args, options):
+    """--attention / --compress / --compute-units on top of the profile's [coreml] and [backend] tables."""
+    import dataclasses
+
+    given = {k: v for k, v in (("attention", args.attention), ("compress", args.compress),
+                               ("compute_units", args.compute_units)) if v is not None}
+    if not given:
+        return options
+    if options.target != "coreml":
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UsageError(f"{flags}: Core ML settings, for --target coreml (this export targets {options.target})")
+    coreml = dict(options.profile.get("coreml") or {})
+    backend = dict(options.profile.get("backend_options") or {})
+    coreml.update({k: v for k, v in given.items() if k != "compute_units"})
+    if "compute_units" in given:
+        backend["compute_units"] = given["compute_units"]
+    return dataclasses.replace(options, profile={**options.profile, "coreml": coreml, "backend_options": backend})
+
+
+def cmd_bench(args) -> int:
+    from sdexport.bench import BenchConfig, run_bench, write_report
+
+    config = BenchConfig(
+        prompts=tuple(args.prompt) if args.prompt else BenchConfig.prompts,
+        seeds=tuple(int(s) for s in args.seeds.split(",")),
+        scheduler=args.scheduler,
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
+        repeats=args.repeats,
+        cold_start=not args.no_cold_start,
+        threads=args.threads or 0,
+        backend_options={"device": args.device} if args.device else {},
+    )
+    if config.steps < 1 or config.repeats < 1:
+        raise UsageError("--steps and --repeats must be at least 1")
+    result = run_bench(args.dir, args.reference, config, progress=not args.quiet)
+    paths = write_report(result, Path(args.out))
+    if not args.quiet:
+        from sdexport.bench import markdown
+
+        print(markdown(result))
+        print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
+def cmd_quality(args) -> int:
+    from sdexport.quality import QualityConfig, load_prompt_file, markdown, run_quality, write_report
+
+    prompts = tuple(args.prompt or ())
+    if args.prompts:
+        prompts += load_prompt_file(args.prompts)
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise UsageError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    config = QualityConfig(
+        prompts=prompts or QualityConfig.prompts,
+        seeds=seeds,
+        scheduler=args.scheduler,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        samples=args.samples,
+        calibration_seed=args.calibration_seed,
+        calibration_steps=args.calibration_steps,
+        components=tuple(args.component or ()),
+        controlnets=tuple(args.controlnet or ()),
+        end_to_end=not args.no_end_to_end,
+        threads=args.threads or 0,
+        backend_options={"device": args.device} if args.device else {},
+    )
+    result = run_quality(args.dir, args.reference, config, progress=not args.quiet)
+    paths = write_report(result, Path(args.out))
+    if not args.quiet:
+        print(markdown(json.loads(paths[0].read_text(encoding="utf-8"))))
+        print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from sdexport.demo import run_demo
+
+    if args.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    echo = (lambda text: None) if args.quiet else print
+    run_demo(args.out, target=args.target, steps=args.steps, progress=not args.quiet, echo=echo)
+    return 0
+
+
+def cmd_profiles(args) -> int:
+    from sdexport import profile
+
+    print(profile.listing())
+    return 0
+
+
+# --- merge, merge-lora ---------------------------------------------------------------------------
+
+
+def cmd_merge(args) -> int:
+    from sdexport.merge import merge_checkpoints
+
+    result = merge_checkpoints(args.a, args.b, args.alpha, args.out, method=args.method, base=args.base,
+                               overwrite=args.overwrite)
+    if not args.quiet:
+        counts = result["tensors"]
+        print(f"wrote {args.out}: {result['method']} merge at alpha {result['alpha']} "
+              f"({counts['merged']} tensors merged, {counts['partial']} partly, {counts['skipped']} EMA skipped)",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_merge_lora(args) -> int:
+    from sdexport.lora import merge_loras
+
+    model = None
+    if args.model:
+        from sdexport.sources import open_source
+
+        model = open_source(args.model, config=args.config)
+    merge_loras(args.loras, args.out, layout=args.layout, model=model, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"wrote {args.out} ({args.layout} layout, {len(args.loras)} LoRAs)", file=sys.stderr)
+    return 0
+
+
+# --- generate ----------------------------------------------------------------------------------
+
+_CONTROL = re.compile(r"^(?P<name>[^=]+)=(?P<rest>.+)$")
+
+
+def parse_control(spec: str):
+    """``NAME=IMAGE[:SCALE]``; a Windows drive colon or a path colon is not a scale."""
+    from runtime.pipeline import Control
+
+    match = _CONTROL.match(spec)
+    if not match:
+        raise UsageError(f"--control {spec!r}: expected NAME=IMAGE[:SCALE]")
+    name, rest = match["name"], match["rest"]
+    image, scale = rest, 1.0
+    head, sep, tail = rest.rpartition(":")
+    if sep and head and not re.search(r"[\\/]", tail):
+        try:
+            scale = float(tail)
+        except ValueError:
+            raise UsageError(f"--control {spec!r}: scale {tail!r} is not a number") from None
+        image = head
+    return Control(name=name, image=image, scale=scale)
+
+
+def cmd_generate(args) -> int:
+    from runtime import image as imgproc
+    from runtime.pipeline import Pipeline, PipelineInputError
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise UsageError(f"{output}: already exists; pass --overwrite to replace it")
+    if not output.resolve().parent.is_dir():
+        raise UsageError(f"{output.resolve().parent}: directory does not exist")
+    controls = [parse_control(c) for c in args.control or ()]
+    for c in controls:
+        c.start, c.end = args.control_start, args.control_end
+    if controls and (args.preprocess != "none" or args.control_fit != "resize"):
+        from runtime.preprocess import fit, preprocess
+
+        for c in controls:
+            image = imgproc.load_image(c.image, f"control image for {c.name}")
+            try:
+                image = preprocess(image, args.preprocess, **_preprocess_params(args))
+                if args.height and args.width:
+                    image = fit(image, args.height, args.width, args.control_fit)
+            except imgproc.ImageInputError:
+                raise
+            except ValueError as e:
+                raise PipelineInputError(str(e)) from None
+            c.image = image
+    options = {}
+    if args.device:
+        options["device"] = args.device
+    if args.threads:
+        options["threads"] = args.threads
+    if args.compute_units:
+        options["compute_units"] = args.compute_units
+    pipe = Pipeline.from_dir(args.dir, options=options or None, cfg=args.cfg)
+    result = pipe.generate(
+        args.prompt,
+        args.negative_prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        rng=args.rng,
+        height=args.height,
+        width=args.width,
+        image=args.image,
+        strength=args.strength,
+        mask=args.mask,
+        controls=controls,
+        guess_mode=args.guess_mode,
+        progress=not args.quiet,
+        return_latents=bool(args.latents_out),
+    )
+    imgproc.save_png(result.image, output, png_metadata(result.settings))
+    if args.latents_out:
+        import numpy as np
+
+        np.save(args.latents_out, result.latents)
+    if not args.quiet:
+        total = result.timings["total"]
+        print(f"wrote {output} ({result.image.width}x{result.image.height}) in {total:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _preprocess_params(args) -> dict:
+    if args.preprocess == "canny":
+        return {"low_threshold": args.canny_low, "high_threshold": args.canny_high}
+    if args.preprocess == "threshold":
+        return {"level": args.threshold}
+    return {}
+
+
+def png_metadata(settings: dict) -> dict:
+    """Text chunks: one per setting, plus the A1111-style ``parameters`` line other tools read."""
+    from sdexport import __version__
+
+    meta = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings.items() if v is not None}
+    negative = settings.get("negative_prompt") or ""
+    meta["parameters"] = (
+        f"{settings.get('prompt')}\n"
+        + (f"Negative prompt: {negative}\n" if negative else "")
+        + f"Steps: {settings.get('steps')}, Sampler: {settings.get('scheduler')}, CFG scale: {settings.get('guidance_scale')}, "
+        f"Seed: {settings.get('seed')}, Size: {settings.get('width')}x{settings.get('height')}, "
+        f"Model hash: {settings.get('model_hash')}, RNG: {settings.get('rng')}"
+    )
+    meta["software"] = f"sdexport {__version__}"
+    return meta
+
+
+# --- inspect -----------------------------------------------------------------------------------
+
+
+def describe(manifest) -> str:
+    info = manifest.model
+    lines = [
+        f"{manifest.root}: {info.family}, {info.prediction_type}, latents {info.latent_channels}ch /{info.vae_scale_factor}, "
+        f"default {info.default_width}x{info.default_height}, U-Net in {info.unet_in_channels}ch",
+        ("DRY RUN (plan only, nothing converted); " if manifest.exporter.get("dry_run") else "")
+        + f"exported by sdexport {manifest.exporter.get('version')} for {manifest.exporter.get('target')} "
+        f"on {manifest.exporter.get('created')}, artifact hash {manifest.exporter.get('artifact_hash')}",
+        "",
+        f"{'component':<24} {'backend':<12} {'precision':<9} {'size MB':>8} {'parity PSNR dB':>15} {'max abs err':>12}",
+    ]
+    for name, c in manifest.components.items():
+        p = c.parity or {}
+        psnr = p.get("psnr_db")
+        psnr_s = "skipped" if "skipped" in p else "identical" if psnr is None and p else ("-" if psnr is None else f"{psnr:.1f}")
+        err = p.get("max_abs_err")
+        lines.append(
+            f"{name:<24} {c.backend:<12} {c.precision:<9} {c.size_bytes / 1e6:>8.1f} {psnr_s:>15} "
+            f"{'-' if err is None else f'{err:.2e}':>12}"
+        )
+    for name, c in manifest.components.items():
+        lines.append(f"  {name}: " + ", ".join(t.describe() for t in c.inputs) + " -> " + ", ".join(t.describe() for t in c.outputs))
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    from runtime.manifest import Manifest
+
+    manifest = Manifest.load(args.dir, check_files=False)
+    if not manifest.exporter.get("dry_run"):
+        manifest.check_files()
+    if args.verify:
+        manifest.check_files(verify_hashes=True)
+    if args.json:
+        print(json.dumps(manifest.to_json(), indent=2))
+    else:
+        print(describe(manifest))
+        if args.verify:
+            print("all files present with their recorded sha256")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sdexport", description="Export Stable Diffusion to ONNX / OpenVINO / Core ML / TensorRT and run it without PyTorch.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("export", help="convert a model (diffusers folder or single file) into an artifact directory")
+    p.add_argument("source", help="diffusers model folder, or a single-file checkpoint (.safetensors / .ckpt)")
+    p.add_argument("--profile", help="a device profile (sdexport profiles lists them) or a .toml file; flags override it")
+    p.add_argument("--target", help="onnx | openvino | coreml | tensorrt (default: the profile's, else onnx)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--precision", help="fp32 | fp16, and target-specific ones: onnx int8 | int8-static | mixed, "
+                                       "openvino int8 | int4 | hybrid (default: the profile's, else fp32)")
+    p.add_argument("--optimize", choices=("none", "gpu"),
+                   help="onnx: gpu = onnxruntime.transformers fusions for the CUDA provider, then fp16 (default: the profile's)")
+    p.add_argument("--qdq-onnx", metavar="DIR", help="tensorrt --precision int8: an `--target onnx --precision int8-static` export")
+    p.add_argument("--height", type=int, help="static height in pixels (with --width)")
+    p.add_argument("--width", type=int, help="static width in pixels (with --height)")
+    p.add_argument("--batch", type=int, help="static number of prompts per call")
+    p.add_argument("--cfg", choices=("batched", "sequential"),
+                   help="batched: one U-Net call on 2B; sequential: two calls on B (less memory)")
+    p.add_argument("--controlnet", action="append", metavar="[NAME=]PATH", help="a diffusers ControlNet folder (repeatable)")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="a LoRA (diffusers/PEFT or kohya) fused into the weights; repeatable, applied in order")
+    p.add_argument("--config", metavar="DIR", help="single files: a diffusers folder whose configs describe the "
+                   "architecture (default: detected SD 1.x / 2.x / inpainting)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="single files: SD 2.x v-models cannot be told from their weights (default for SD 2.x: v)")
+    p.add_argument("--few-step", choices=("lcm", "turbo"),
+                   help="an LCM(-LoRA) or SD-Turbo-style model: its sampler, steps and guidance as defaults")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-validate", action="store_true", help="skip the parity check against torch")
+    p.add_argument("--dry-run", action="store_true", help="resolve and check everything, write a plan manifest, convert nothing")
+    p.add_argument("--attention", choices=("original", "split-einsum"),
+                   help="Core ML: stock attention (GPU) or split-einsum (Neural Engine; the default)")
+    p.add_argument("--compress", choices=("none", "palettize4", "palettize6", "palettize8", "linear8"),
+                   help="Core ML: k-means palettized weights (4/6/8 bits) or int8 weights")
+    p.add_argument("--compute-units", choices=("all", "cpu-and-gpu", "cpu-and-ne", "cpu-only"),
+                   help="Core ML: where the models run (default: cpu-and-ne for split-einsum fp16, else cpu-and-gpu)")
+    p.add_argument("--min-psnr", type=float, metavar="DB",
+                   help="--precision mixed: PSNR (dB) against fp32 the U-Net must keep on the calibration set "
+                        "(default: the profile's quantize.min_psnr, else 35)")
+    p.add_argument("--calibration-prompts", type=int, metavar="N",
+                   help="int8-static / mixed: prompts of the calibration runs (default: the profile's, else 16)")
+    p.add_argument("--calibration-steps", type=int, metavar="N",
+                   help="int8-static / mixed: denoising steps of each calibration run (default: the profile's, else 20)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("merge", help="merge two checkpoints into a new one (streamed tensor by tensor)")
+    m.add_argument("a", help="checkpoint A (.safetensors or .ckpt)")
+    m.add_argument("b", help="checkpoint B")
+    m.add_argument("--alpha", type=float, required=True, help="weight of B: (1-alpha)*A + alpha*B, or A + alpha*(B-C)")
+    m.add_argument("--method", choices=("weighted", "add-difference"), default="weighted")
+    m.add_argument("--base", help="checkpoint C for add-difference")
+    m.add_argument("--out", required=True, help="the merged .safetensors file")
+    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(func=cmd_merge)
+
+    ml = sub.add_parser("merge-lora", help="combine LoRAs into one LoRA file (ranks concatenated, weights folded in)")
+    ml.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]")
+    ml.add_argument("--out", required=True, help="the merged LoRA .safetensors file")
+    ml.add_argument("--layout", choices=("diffusers", "kohya"), default="diffusers")
+    ml.add_argument("--model", help="the model the LoRAs are for (resolves kohya names; default: SD 1.x/2.x names)")
+    ml.add_argument("--config", metavar="DIR", help="with a single-file --model: its architecture")
+    ml.add_argument("--overwrite", action="store_true")
+    ml.add_argument("--quiet", action="store_true")
+    ml.set_defaults(func=cmd_merge_lora)
+
+    g = sub.add_parser("generate", help="make an image from an artifact directory (no PyTorch needed)")
+    g.add_argument("dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance-scale", type=float)
+    g.add_argument("--scheduler", help="ddim, pndm, lms, euler, euler-a, heun, dpmpp-2m, dpmpp-2m-karras, unipc, lcm, ddpm")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--rng", choices=("numpy", "torch"), default="numpy",
+                   help="torch reproduces diffusers' CPU generator: same seed, same image")
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--image", help="input image for img2img / inpainting")
+    g.add_argument("--strength", type=float)
+    g.add_argument("--mask", help="inpainting mask (white = repaint), same size as --image")
+    g.add_argument("--control", action="append", metavar="NAME=IMAGE[:SCALE]", help="a ControlNet and its image (repeatable)")
+    g.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where control starts")
+    g.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where control ends")
+    g.add_argument("--guess-mode", action="store_true", help="control on the conditional branch only")
+    g.add_argument("--preprocess", default="none", help="none | canny | threshold | scribble | invert (applied to control images)")
+    g.add_argument("--control-fit", choices=("resize", "crop", "pad"), default="resize",
+                   help="how control images meet --height/--width: stretch (as diffusers), center-crop, or pad")
+    g.add_argument("--canny-low", type=int, default=100)
+    g.add_argument("--canny-high", type=int, default=200)
+    g.add_argument("--threshold", type=int, default=127)
+    g.add_argument("--cfg", choices=("batched", "sequential"), help="override the export's CFG batching")
+    g.add_argument("--device", help="backend device: cpu, cuda, gpu, npu, auto ...")
+    g.add_argument("--threads", type=int)
+    g.add_argument("--compute-units", choices=("all", "cpu-and-gpu", "cpu-and-ne", "cpu-only"),
+                   help="Core ML exports: override the compute units the export chose")
+    g.add_argument("--output", "-o", required=True, help="PNG file to write")
+    g.add_argument("--latents-out", help="also save the final latents (.npy)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="latency and parity of an export against diffusers (PyTorch)")
+    b.add_argument("dir", help="artifact directory")
+    b.add_argument("--reference", required=True, help="the diffusers model folder it was exported from")
+    b.add_argument("--prompt", action="append", help="a prompt (repeatable; two defaults)")
+    b.add_argument("--seeds", default="1,2", help="comma-separated seeds")
+    b.add_argument("--scheduler", default="dpmpp-2m")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--height", type=int)
+    b.add_argument("--width", type=int)
+    b.add_argument("--repeats", type=int, default=5, help="timed calls per component after one warm-up")
+    b.add_argument("--threads", type=int)
+    b.add_argument("--device")
+    b.add_argument("--no-cold-start", action="store_true", help="skip the child-process cold-start runs")
+    b.add_argument("--out", default="bench", help="directory for bench.json, bench.md and the PNG plots")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    q = sub.add_parser("quality", help="what the export's precision costs: per component and end to end against torch fp32")
+    q.add_argument("dir", help="artifact directory")
+    q.add_argument("--reference", required=True, help="the diffusers model folder it was exported from")
+    q.add_argument("--out", default="quality", help="directory for quality.json, quality.md and grid.png")
+    q.add_argument("--prompt", action="append", help="an end-to-end prompt (repeatable; four defaults)")
+    q.add_argument("--prompts", metavar="FILE", help="end-to-end prompts, one per line ('#' comments)")
+    q.add_argument("--seeds", default="1", help="comma-separated seeds for the end-to-end runs")
+    q.add_argument("--scheduler", default="dpmpp-2m")
+    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--guidance-scale", type=float, default=7.5)
+    q.add_argument("--height", type=int)
+    q.add_argument("--width", type=int)
+    q.add_argument("--samples", type=int, default=8, help="recorded inputs per component comparison")
+    q.add_argument("--calibration-seed", type=int, default=1, help="seed of the recorded inputs (exports calibrate with 0)")
+    q.add_argument("--calibration-steps", type=int, default=20, help="steps of the runs the inputs are recorded from")
+    q.add_argument("--component", action="append", help="only this component (repeatable; default: all)")
+    q.add_argument("--controlnet", action="append", metavar="NAME=PATH", help="torch reference for controlnet/NAME")
+    q.add_argument("--no-end-to-end", action="store_true", help="components only")
+    q.add_argument("--threads", type=int)
+    q.add_argument("--device")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_quality)
+
+    d = sub.add_parser("demo", help="export the bundled small trained model, generate pictures, compare with PyTorch")
+    d.add_argument("--out", default="sdexport-demo", help="directory for grid.png, demo.json, the model and its export "
+                   "(an earlier demo's directory is replaced)")
+    d.add_argument("--target", choices=("auto", "onnx", "openvino"), default="auto",
+                   help="auto: OpenVINO where it is installed, else ONNX")
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    pr = sub.add_parser("profiles", help="list the device profiles, one line each")
+    pr.set_defaults(func=cmd_profiles)
+
+    i = sub.add_parser("inspect", help="show what an artifact directory's manifest says")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.add_argument("--verify", action="store_true", help="check every file's sha256")
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("SDEXPORT_DEBUG") == "1"
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("sdexport: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"sdexport: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        if debug:
+            raise
+        print(f"sdexport: internal error: {type(e).__name__}: {_one_line(e)} (SDEXPORT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,583 @@
+"""LoRA files: diffusers/PEFT and kohya (A1111) layouts read into one form, fused into weights, merged.
+
+The math. A LoRA module adapts one layer's weight W [out, in] (a convolution's [out, in, kh, kw]) with
+a down matrix A [r, in(, kh, kw)] and an up matrix B [out, r(, 1, 1)]:
+
+    W' = W + s * (alpha / r) * (B @ A)        convolutions: A flattened to [r, in*kh*kw], the product reshaped
+
+s is the scale the user gives (``--lora FILE:0.7``), alpha the file's (kohya ``.alpha`` tensors, diffusers'
+``lora_adapter_metadata`` with PEFT's ``lora_alpha``/``alpha_pattern``; none means alpha = r), r the rank
+(rsLoRA: sqrt(r)). Several LoRAs are added one after the other, in the order given, as PEFT fuses them.
+
+Merging LoRAs i = 1..n with weights w_i into one, per module, with c_i = w_i * alpha_i / r_i:
+
+    sum_i c_i * (B_i @ A_i) = [c_1 B_1 | ... | c_n B_n] @ [A_1; ...; A_n]
+
+so the merged module has rank r_1 + ... + r_n, its up matrix is the scaled B's side by side, its down
+matrix the A's stacked, and its alpha equals its rank (factor 1). Applied at scale s it equals applying
+every input at s * w_i; a module that only some inputs adapt gets only their blocks. Exact in real
+arithmetic; in float32 the two orders of summation differ by rounding only.
+
+Names. diffusers/PEFT files name modules with dots (``unet.down_blocks.0....to_q.lora_A.weight``); kohya
+files flatten them with underscores (``lora_unet_down_blocks_0_..._to_q.lora_down.weight``), sometimes
+after the original LDM names (``lora_unet_input_blocks_1_1_proj_in``). Flattened names are resolved by
+looking them up among the model's own module names flattened the same way, so no name is guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from sdexport.errors import OptionError, SourceError
+
+COMPONENTS = ("unet", "text_encoder")
+
+
+def _sample(names: Iterable[str], n: int = 3) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# FILE[:SCALE]
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraRef:
+    path: Path
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, spec: "str | Path | tuple | LoraRef") -> "LoraRef":
+        """``FILE[:SCALE]`` (a colon followed by a number; a path's own colons stay), a (file, scale) pair, or a LoraRef."""
+        if isinstance(spec, LoraRef):
+            return spec
+        if isinstance(spec, tuple):
+            path, scale = spec
+            return cls(Path(path), float(scale))
+        if isinstance(spec, Path):
+            return cls(spec)
+        head, sep, tail = spec.rpartition(":")
+        if sep and head and not re.search(r"[\\/]", tail):
+            try:
+                return cls(Path(head), float(tail))
+            except ValueError:
+                if not Path(spec).exists():
+                    raise SourceError(f"--lora {spec}: scale {tail!r} is not a number (expected FILE[:SCALE])") from None
+        return cls(Path(spec))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoraModule:
+    """One adapted layer as a file describes it."""
+
+    component: str  # "unet", "text_encoder" (or another model's part, e.g. "text_encoder_2")
+    name: str  # dotted diffusers name, or kohya's flattened one (flat=True)
+    flat: bool
+    down: torch.Tensor  # A [r, in(, kh, kw)]
+    up: torch.Tensor  # B [out, r(, 1, 1)]
+    alpha: float
+    rslora: bool = False
+    bias: torch.Tensor | None = None  # PEFT lora_bias: B's bias [out]
+    key: str = ""  # a key of the file, for messages
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def scaling(self, scale: float) -> float:
+        """PEFT's ``scaling``: scale * alpha / r (rsLoRA: / sqrt(r)), computed in that order."""
+        return scale * self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def delta(self, shape: Sequence[int], scale: float) -> torch.Tensor:
+        up, down = self.up.float().flatten(1), self.down.float().flatten(1)
+        return (up @ down).reshape(tuple(shape)) * self.scaling(scale)
+
+
+@dataclasses.dataclass
+class LoraFile:
+    path: Path
+    layout: str  # "peft" (diffusers/PEFT), "diffusers-old", "kohya"
+    modules: list[LoraModule]
+
+    def describe(self) -> dict:
+        return {"file": str(self.path), "layout": self.layout, "modules": len(self.modules),
+                "ranks": sorted({m.rank for m in self.modules})}
+
+
+_UNSUPPORTED = {
+    "hada_w1_a": "a LoHa (LyCORIS) file",
+    "lokr_w1": "a LoKr (LyCORIS) file",
+    "lora_mid": "a LoCon with Tucker decomposition (LyCORIS lora_mid)",
+    "dora_scale": "a DoRA file",
+    "lora_magnitude_vector": "a DoRA file",
+    "lora_embedding_A": "an embedding LoRA",
+}
+_KOHYA = re.compile(r"^(lora_unet|lora_te|lora_te1|lora_te2)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_PEFT = re.compile(r"^(.+?)\.lora_(A|B)(?:\.[A-Za-z0-9_-]+)?\.(weight|bias)$")
+_OLD = re.compile(r"^(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
+_OLD_PROC = re.compile(r"^(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_ALPHA = re.compile(r"^(.+)\.alpha$")
+_KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
+_TEXT_OLD = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def _split_component(name: str) -> tuple[str | None, str]:
+    for prefix in ("unet.", "text_encoder_2.", "text_encoder."):
+        if name.startswith(prefix):
+            return prefix[:-1], name[len(prefix):]
+    if name.startswith("base_model.model."):
+        return None, name[len("base_model.model."):]
+    return None, name
+
+
+def _peft_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, dict]:
+    """Per component LoraConfig fields: diffusers' ``lora_adapter_metadata`` or a PEFT adapter_config.json."""
+    out: dict[str, dict] = {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            flat = json.loads(raw)
+        except json.JSONDecodeError:
+            raise SourceError(f"{path}: lora_adapter_metadata is not valid JSON") from None
+        for key, value in flat.items():
+            component, _, field = key.partition(".")
+            out.setdefault(component, {})[field] = value
+    config = path.parent / "adapter_config.json"
+    if config.is_file() and not out:
+        try:
+            out[""] = json.loads(config.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise SourceError(f"{config}: not valid JSON") from None
+    return out
+
+
+def _pattern_value(patterns: Mapping[str, object], name: str):
+    """PEFT's get_pattern_key: the first pattern that matches the end of the module name."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return None
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read a LoRA file (.safetensors, or a .ckpt/.pt/.bin state dict) into :class:`LoraModule` entries."""
+    from sdexport.single_file import Checkpoint
+
+    path = Path(path)
+    checkpoint = Checkpoint.open(path)
+    with checkpoint:
+        keys = checkpoint.keys()
+        if not keys:
+            raise SourceError(f"{path}: no tensors in this file")
+        if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "unet.conv_in.")) for k in keys):
+            raise SourceError(f"{path}: a full model checkpoint, not a LoRA")
+        diffs = [k for k in keys if k.endswith((".diff", ".diff_b"))]
+        if diffs:
+            raise SourceError(f"{path}: a LyCORIS full-difference file ({diffs[0]}): only LoRA / LoCon files "
+                              "(lora_A/lora_B, lora_down/lora_up) can be fused")
+        for marker, what in _UNSUPPORTED.items():
+            hits = [k for k in keys if marker in k]
+            if hits:
+                raise SourceError(f"{path}: {what} ({hits[0]}): only LoRA / LoCon files (lora_A/lora_B, "
+                                  "lora_down/lora_up) can be fused")
+        tensors = {k: checkpoint.get(k) for k in keys}
+        metadata = checkpoint.metadata
+
+    groups: dict[tuple[str | None, str, bool], dict] = {}
+    layouts: set[str] = set()
+    unknown: list[str] = []
+    for key, value in tensors.items():
+        if m := _KOHYA.match(key):
+            group = groups.setdefault((_KOHYA_COMPONENT[m.group(1)], m.group(2), True), {})
+            part = m.group(3).split(".")[0]
+            group[{"lora_down": "down", "lora_up": "up", "alpha": "alpha"}[part]] = value
+            group.setdefault("key", key)
+            layouts.add("kohya")
+        elif m := _PEFT.match(key):
+            component, name = _split_component(m.group(1))
+            group = groups.setdefault((component, name, False), {})
+            if m.group(3) == "bias":
+                if m.group(2) == "A":
+                    unknown.append(key)
+                group["bias"] = value
+            else:
+                group["down" if m.group(2) == "A" else "up"] = value
+            group.setdefault("key", key)
+            layouts.add("peft")
+        elif (m := _OLD_PROC.match(key)) or (m := _OLD.match(key)):
+            component, name = _split_component(m.group(1))
+            if len(m.groups()) == 3:  # to_q_lora style
+                which, direction = m.group(2), m.group(3)
+                component = component or "unet"
+                name = f"{name}.{_TEXT_OLD[which]}" if component == "text_encoder" else \
+                    f"{name}.{'to_out.0' if which == 'to_out' else which}"
+            else:
+                direction = m.group(2)
+            group = groups.setdefault((component or "unet", name, False), {})
+            group[direction] = value
+            group.setdefault("key", key)
+            layouts.add("diffusers-old")
+        elif m := _ALPHA.match(key):
+            component, name = _split_component(m.group(1))
+            groups.setdefault((component or "unet", name, False), {})["alpha"] = value
+        else:
+            unknown.append(key)
+    if not layouts:
+        raise SourceError(f"{path}: not a LoRA file (no lora_A/lora_B or lora_down/lora_up tensors; "
+                          f"keys like {_sample(sorted(keys))})")
+    if unknown:
+        raise SourceError(f"{path}: tensors that are not LoRA weights: {_sample(unknown)}")
+
+    config = _peft_metadata(metadata, path)
+    modules: list[LoraModule] = []
+    for (component, name, flat), group in groups.items():
+        if "down" not in group or "up" not in group:
+            if set(group) <= {"alpha"}:
+                continue  # an alpha without weights (some trainers keep them for frozen modules)
+            raise SourceError(f"{path}: module {name} has a lora {'down' if 'down' in group else 'up'} matrix "
+                              "but not its partner")
+        down, up = group["down"], group["up"]
+        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
+            raise SourceError(f"{path}: module {name}: down {list(down.shape)} and up {list(up.shape)} do not "
+                              "form a low-rank pair")
+        fields = config.get(component or "", config.get("", {}))
+        rank = int(down.shape[0])
+        if "alpha" in group:
+            alpha = float(group["alpha"].float().item())
+        elif fields:
+            found = _pattern_value(fields.get("alpha_pattern") or {}, name)
+            alpha = float(found if found is not None else fields.get("lora_alpha", rank))
+        else:
+            alpha = float(rank)
+        modules.append(LoraModule(component or "", name, flat, down, up, alpha,
+                                  rslora=bool(fields.get("use_rslora", False)) if fields else False,
+                                  bias=group.get("bias"), key=group.get("key", name)))
+    if not modules:
+        raise SourceError(f"{path}: a LoRA file without any complete module")
+    layout = "kohya" if layouts == {"kohya"} else ("peft" if "peft" in layouts else "diffusers-old")
+    return LoraFile(path, layout, modules)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's adaptable layers, and matching a LoRA against them
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat(name: str) -> str:
+    return name.replace(".", "_")
+
+
+@dataclasses.dataclass
+class ModelLayers:
+    """Per component: every Linear / Conv2d module name with its weight shape, and kohya-name lookups."""
+
+    shapes: dict[str, dict[str, tuple[int, ...]]]
+    flat: dict[str, dict[str, str]]
+    description: str = "this model"
+
+    @classmethod
+    def from_modules(cls, modules: Mapping[str, torch.nn.Module], unet_config: Mapping | None = None,
+                     description: str = "this model") -> "ModelLayers":
+        from sdexport.single_file import unet_name_to_ldm
+
+        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        flat: dict[str, dict[str, str]] = {}
+        for component, model in modules.items():
+            table = {name: tuple(m.weight.shape) for name, m in model.named_modules()
+                     if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+            shapes[component] = table
+            lookup: dict[str, str] = {}
+            for name in table:
+                lookup[_flat(name)] = name
+                if component == "text_encoder":
+                    lookup[_flat("text_model." + name.removeprefix("text_model."))] = name
+                elif component == "unet" and unet_config is not None:
+                    try:
+                        lookup.setdefault(_flat(unet_name_to_ldm(name + ".weight", unet_config)[: -len(".weight")]), name)
+                    except (KeyError, ValueError):
+                        pass
+            flat[component] = lookup
+        return cls(shapes, flat, description)
+
+    @classmethod
+    def of(cls, source) -> "ModelLayers":
+        """From a source's configs, on the meta device (no weights are read)."""
+        from sdexport.single_file import empty_model
+
+        modules = {"unet": empty_model("unet", source.unet_config),
+                   "text_encoder": empty_model("text_encoder", source.text_encoder_config)}
+        return cls.from_modules(modules, source.unet_config, describe_model(source.unet_config))
+
+    @classmethod
+    @functools.cache
+    def known(cls) -> "ModelLayers":
+        """Every layer name of the SD 1.x and SD 2.x architectures (configs shipped with sdexport)."""
+        from sdexport.single_file import CONFIGS_DIR, empty_model, read_configs
+
+        merged = cls({c: {} for c in COMPONENTS}, {c: {} for c in COMPONENTS}, "SD 1.x / 2.x")
+        for family in ("sd1", "sd2-v"):
+            configs = read_configs(CONFIGS_DIR / family)
+            modules = {"unet": empty_model("unet", configs["unet"]),
+                       "text_encoder": empty_model("text_encoder", configs["text_encoder"])}
+            layers = cls.from_modules(modules, configs["unet"])
+            for c in COMPONENTS:
+                merged.shapes[c].update(layers.shapes[c])
+                merged.flat[c].update(layers.flat[c])
+        return merged
+
+    def target(self, module: LoraModule) -> tuple[str, str] | None:
+        """(component, module name) of the layer a LoRA module adapts, or None."""
+        # A raw PEFT adapter (base_model.model.*) does not say its component: try each.
+        for component in (module.component,) if module.component else tuple(self.shapes):
+            table = self.shapes.get(component)
+            if table is None:
+                continue
+            if module.flat:
+                name = self.flat[component].get(module.name)
+                if name is not None:
+                    return component, name
+                continue
+            for name in (module.name, module.name.removeprefix("text_model."), "text_model." + module.name):
+                if name in table:
+                    return component, name
+        return None
+
+
+def describe_model(unet_config: Mapping) -> str:
+    cross = unet_config.get("cross_attention_dim")
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    family = {768: "SD 1.x", 1024: "SD 2.x"}.get(cross, "this model")
+    return f"{family} (cross-attention width {cross})"
+
+
+def guess_family(lora: LoraFile) -> str | None:
+    """Which model family a LoRA was trained for, from its cross-attention key/value input width."""
+    components = {m.component for m in lora.modules}
+    if "text_encoder_2" in components:
+        return "SDXL"
+    for m in lora.modules:
+        if m.component == "unet" and re.search(r"attn2[._]to_[kv]$", m.name):
+            return {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(int(m.down.flatten(1).shape[1]))
+    return None
+
+
+def _fits(module: LoraModule, shape: tuple[int, ...]) -> bool:
+    if module.up.shape[0] != shape[0]:
+        return False
+    if math.prod(module.down.shape[1:]) != math.prod(shape[1:]):
+        return False
+    kernel = tuple(module.down.shape[2:])
+    return not kernel or kernel == tuple(shape[2:]) or (len(shape) == 2 and kernel == (1, 1))
+
+
+def _io(shape: Sequence[int]) -> str:
+    return f"{math.prod(shape[1:])}->{shape[0]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Applied:
+    """A LoRA module matched to a layer of the model, with the user's scale."""
+
+    component: str
+    target: str  # the model's module name
+    module: LoraModule
+    scale: float
+
+
+def resolve(lora: LoraFile, layers: ModelLayers, scale: float = 1.0) -> list[Applied]:
+    """Match every module of a LoRA to a layer of the model; SourceError on anything that does not fit."""
+    unmatched, wrong = [], []
+    applied: list[Applied] = []
+    for module in lora.modules:
+        found = layers.target(module)
+        if found is None:
+            unmatched.append(module.key)
+            continue
+        component, target = found
+        shape = layers.shapes[component][target]
+        if not _fits(module, shape):
+            wrong.append((module, target, shape))
+            continue
+        applied.append(Applied(component, target, module, scale))
+    guess = guess_family(lora)
+    other = f" (it looks like a LoRA for {guess})" if guess and guess not in layers.description else ""
+    if unmatched and not applied and not wrong:
+        raise SourceError(f"{lora.path}: none of its {len(lora.modules)} LoRA modules match {layers.description}"
+                          f"{other}, e.g. {_sample(unmatched)}")
+    if wrong:
+        module, target, shape = wrong[0]
+        lora_shape = (module.up.shape[0], *module.down.shape[1:])
+        raise SourceError(f"{lora.path}: a LoRA for another model family{other}: {module.key} adapts a "
+                          f"{_io(lora_shape)} layer but {target} of {layers.description} is {_io(shape)}")
+    if unmatched:
+        raise SourceError(f"{lora.path}: {len(unmatched)} of its {len(lora.modules)} LoRA modules match nothing in "
+                          f"{layers.description}{other}, e.g. {_sample(unmatched)}")
+    return applied
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusing
+# ---------------------------------------------------------------------------------------------
+
+
+def fuse_into(model: torch.nn.Module, applied: Iterable[Applied]) -> torch.nn.Module:
+    """W += scale * alpha / r * (B @ A) for each applied module, in order (in place)."""
+    with torch.no_grad():
+        for a in applied:
+            layer = model.get_submodule(a.target)
+            layer.weight += a.module.delta(layer.weight.shape, a.scale).to(layer.weight.dtype)
+            if a.module.bias is not None:
+                layer.bias += (a.module.bias.float() * a.module.scaling(a.scale)).to(layer.bias.dtype)
+    return model
+
+
+def load_loras(refs: Iterable, layers: ModelLayers) -> tuple[list[LoraFile], list[Applied]]:
+    """Read and match LoRAs (``FILE[:SCALE]`` strings, (file, scale) pairs or LoraRefs) before any weight loads."""
+    files, applied = [], []
+    for spec in refs:
+        ref = LoraRef.parse(spec)
+        if not ref.path.exists():
+            raise SourceError(f"{ref.path}: no such LoRA file")
+        lora = read_lora(ref.path)
+        files.append(lora)
+        applied += resolve(lora, layers, ref.scale)
+    return files, applied
+
+
+# ---------------------------------------------------------------------------------------------
+# Refit sets: the fused weights that differ from the base model, for engines that refit in place
+# ---------------------------------------------------------------------------------------------
+
+
+def refit_set(source) -> dict[str, torch.Tensor]:
+    """``{"<component>.<parameter name>": fused tensor}`` for every parameter the source's LoRAs change.
+
+    ``source`` is what :func:`sdexport.sources.open_source` returns with ``loras``; names are diffusers
+    parameter names (the U-Net's as in ``UNet2DConditionModel.state_dict()``) behind the component name.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for component in COMPONENTS:
+        entries = [a for a in getattr(source, "applied", ()) if a.component == component]
+        if not entries:
+            continue
+        model = getattr(source, f"load_{component}")()
+        for target in sorted({a.target for a in entries}):
+            layer = model.get_submodule(target)
+            out[f"{component}.{target}.weight"] = layer.weight.detach().clone()
+            if any(a.module.bias is not None for a in entries if a.target == target):
+                out[f"{component}.{target}.bias"] = layer.bias.detach().clone()
+        del model
+    return out
+
+
+def write_refit_set(source, out: str | Path) -> Path:
+    """Write :func:`refit_set` as a safetensors file (written beside and renamed: never half-written)."""
+    from sdexport.single_file import save_safetensors
+
+    tensors = refit_set(source)
+    if not tensors:
+        raise SourceError("no LoRA given: a refit set holds the weights that LoRAs change")
+    loras = [{"file": str(f.path), "layout": f.layout} for f in getattr(source, "lora_files", ())]
+    scales = [a.scale for a in getattr(source, "applied", ())]
+    meta = {"format": "pt", "sdexport_refit": json.dumps({"loras": loras, "scales": sorted(set(scales))})}
+    return save_safetensors(out, tensors, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging LoRAs into one
+# ---------------------------------------------------------------------------------------------
+
+
+def _kohya_name(component: str, name: str) -> str:
+    if component == "unet":
+        return "lora_unet_" + _flat(name)
+    return "lora_te_" + _flat("text_model." + name.removeprefix("text_model."))
+
+
+def merge_loras(inputs: Sequence, out: str | Path, layout: str = "diffusers", model=None,
+                dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+    """LoRA + LoRA -> one LoRA file (see the module docstring for the math).
+
+    ``inputs``: ``FILE[:WEIGHT]`` strings, (file, weight) pairs or LoraRefs. ``layout``: ``"diffusers"``
+    (PEFT keys ``unet.<module>.lora_A.weight``, ``text_encoder.text_model.<module>...``; alpha = rank, so no
+    metadata is needed) or ``"kohya"`` (``lora_unet_*``/``lora_te_*`` with ``.alpha`` = rank). Kohya names are
+    resolved against ``model`` (a model source) or, by default, the SD 1.x/2.x architectures.
+    """
+    from sdexport.single_file import save_safetensors
+
+    if layout not in ("diffusers", "kohya"):
+        raise OptionError(f"layout {layout!r}: use diffusers or kohya")
+    refs = [LoraRef.parse(i) for i in inputs]
+    if len(refs) < 1:
+        raise SourceError("merge-lora needs at least one LoRA")
+    out = Path(out)
+    if any(out.resolve() == r.path.resolve() for r in refs if r.path.exists()):
+        raise OptionError(f"{out}: the output would overwrite an input")
+    if out.exists() and not overwrite:
+        raise OptionError(f"{out}: already exists; pass --overwrite to replace it")
+    if not out.resolve().parent.is_dir():
+        raise OptionError(f"{out.resolve().parent}: directory does not exist")
+    layers = ModelLayers.of(model) if model is not None else ModelLayers.known()
+    blocks: dict[tuple[str, str], list[tuple[LoraModule, float]]] = {}
+    for ref in refs:
+        if not ref.path.exists():
+            raise SourceError(f"{ref.path}: no such LoRA file")
+        lora = read_lora(ref.path)
+        unmatched = []
+        for module in lora.modules:
+            found = layers.target(module)
+            if found is None:
+                unmatched.append(module.key)
+                continue
+            blocks.setdefault(found, []).append((module, ref.scale))
+        if unmatched:
+            hint = "" if model is not None else "; pass the model the LoRAs are for"
+            raise SourceError(f"{ref.path}: {len(unmatched)} LoRA modules match no SD 1.x/2.x layer, "
+                              f"e.g. {_sample(unmatched)}{hint}")
+
+    tensors: dict[str, torch.Tensor] = {}
+    for (component, target), parts in blocks.items():
+        first = parts[0][0]
+        kernel = tuple(first.down.shape[1:])
+        downs, ups, bias = [], [], None
+        for module, weight in parts:
+            c = module.scaling(weight)
+            if math.prod(module.down.shape[1:]) != math.prod(kernel) or module.up.shape[0] != first.up.shape[0]:
+                raise SourceError(f"{module.key}: its shape does not fit the other LoRAs' {target}")
+            downs.append(module.down.float().reshape(module.rank, *kernel))
+            ups.append(module.up.float().reshape(module.up.shape[0], module.rank, *([1] * (len(kernel) - 1))) * c)
+            if module.bias is not None:
+                bias = module.bias.float() * c + (bias if bias is not None else 0)
+        down, up = torch.cat(downs, 0).to(dtype), torch.cat(ups, 1).to(dtype)
+        rank = down.shape[0]
+        if layout == "diffusers":
+            prefix = f"{component}.{target if component == 'unet' else 'text_model.' + target.removeprefix('text_model.')}"
+            tensors[f"{prefix}.lora_A.weight"] = down.contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = up.contiguous()
+            if bias is not None:
+                tensors[f"{prefix}.lora_B.bias"] = bias.to(dtype)
+        else:
+            if bias is not None:
+                raise SourceError(f"{target}: LoRA biases have no kohya layout; write the diffusers layout")
+            prefix = _kohya_name(component, target)
+            tensors[f"{prefix}.lora_down.weight"] = down.contiguous()
+            tensors[f"{prefix}.lora_up.weight"] = up.contiguous()
+            tensors[f"{prefix}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+    meta = {"format": "pt", "sdexport_merge_lora": json.dumps(
+        [{"file": r.path.name, "weight": r.scale} for r in refs])}
+    return save_safetensors(out, tensors, meta)

@@ -1,0 +1,143 @@
+"""Checkpoint merging (SD + SD -> SD), streamed tensor by tensor.
+
+Per tensor, with A and B the models to merge, C the base of an add-difference merge and alpha the
+weight of B (computed in float32, or float64 for float64 tensors, then stored in A's dtype):
+
+    weighted         (1 - alpha) * A + alpha * B
+    add-difference   A + alpha * (B - C)            ("add what B learned on top of C to A")
+
+Tensors that are not floating point (e.g. CLIP's position ids) are A's. EMA copies (``model_ema.*``)
+are not merged and not written: inference does not use them. The U-Net's input convolution of an
+inpainting A with an ordinary B (and C) merges the channels they share and keeps A's mask channels,
+which is how an inpainting model is made from a fine-tune ("A = SD inpainting, B = fine-tune, C = SD").
+
+Memory: the header of the output is written from the inputs' headers, then each tensor is read with a
+plain file read (large ones in blocks of rows: the formulas are elementwise), merged and appended, so the
+process holds a few blocks at a time, not a model
+(safetensors' own loader memory-maps the file, and the pages it touches count as the process's
+resident memory until the map closes). ``benchmarks/bench_merge.py`` measures the peak.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sdexport.errors import OptionError, SourceError
+
+METHODS = ("weighted", "add-difference")
+SKIP_PREFIXES = ("model_ema.",)
+CHUNK_BYTES = 16 * 1024 * 1024  # rows of a large tensor read, merged and written together
+INPAINT_CONV_IN = ("model.diffusion_model.input_blocks.0.0.weight", "unet.conv_in.weight")
+
+
+def _check_is_model(checkpoint) -> None:
+    from sdexport.single_file import detect
+
+    detect(checkpoint.tensors, checkpoint.path)  # a LoRA, an SDXL file, a VAE ... -> SourceError
+
+
+def merge_tensor(a: torch.Tensor, b: torch.Tensor, alpha: float, method: str = "weighted",
+                 c: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor of the merge, in A's dtype (see the module docstring for the formulas)."""
+    if not a.is_floating_point():
+        return a
+    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a32, b32 = a.to(compute), b.to(compute)
+    if method == "weighted":
+        out = (1 - alpha) * a32 + alpha * b32
+    else:
+        out = a32 + alpha * (b32 - c.to(compute))
+    return out.to(a.dtype)
+
+
+def merge_checkpoints(a: str | Path, b: str | Path, alpha: float, out: str | Path, method: str = "weighted",
+                      base: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Merge two single-file checkpoints (``.safetensors`` or ``.ckpt``) into a new ``.safetensors``.
+
+    Returns a summary (counts of merged / copied / partially merged tensors). Nothing is written
+    unless the whole merge succeeds (the output is written beside its name and renamed at the end).
+    """
+    from sdexport.single_file import Checkpoint, SafetensorsWriter
+
+    if method not in METHODS:
+        raise OptionError(f"merge method {method!r}: use {' or '.join(METHODS)}")
+    if (method == "add-difference") != (base is not None):
+        raise OptionError("add-difference needs --base C (A + alpha * (B - C)); weighted takes no base")
+    alpha = float(alpha)
+    out = Path(out)
+    inputs = [Path(p) for p in (a, b, base) if p is not None]
+    if out.suffix != ".safetensors":
+        raise OptionError(f"{out}: the merged checkpoint is written as .safetensors")
+    for p in inputs:
+        if p.exists() and p.resolve() == out.resolve():
+            raise OptionError(f"{out}: the output would overwrite an input")
+    if out.exists() and not overwrite:
+        raise OptionError(f"{out}: already exists; pass --overwrite to replace it")
+    if not out.resolve().parent.is_dir():
+        raise OptionError(f"{out.resolve().parent}: directory does not exist")
+
+    cks = [Checkpoint.open(p) for p in inputs]
+    try:
+        for ck in cks:
+            _check_is_model(ck)
+        ca, cb = cks[0], cks[1]
+        cc = cks[2] if base is not None else None
+        names = [k for k in ca.keys() if not k.startswith(SKIP_PREFIXES)]
+        others = [ck for ck in cks[1:]]
+        for ck in others:
+            own = {k for k in ck.keys() if not k.startswith(SKIP_PREFIXES)}
+            missing = [k for k in names if k not in own]
+            extra = sorted(own - set(names))
+            if missing or extra:
+                raise SourceError(
+                    f"{ck.path} does not have the layout of {ca.path}: "
+                    + "; ".join(filter(None, [
+                        f"{len(missing)} tensors missing, e.g. {', '.join(missing[:3])}" if missing else "",
+                        f"{len(extra)} extra, e.g. {', '.join(extra[:3])}" if extra else ""]))
+                    + " (merge models of the same family)")
+        partial = set()
+        for k in names:
+            shapes = [ck.tensors[k].shape for ck in cks]
+            if len(set(shapes)) == 1:
+                continue
+            sa, rest = shapes[0], shapes[1:]
+            if k in INPAINT_CONV_IN and all(len(s) == 4 and s[0] == sa[0] and s[2:] == sa[2:] and s[1] < sa[1]
+                                            and s == rest[0] for s in rest):
+                partial.add(k)
+                continue
+            raise SourceError(f"{k} is {list(sa)} in {ca.path} but {list(rest[0])} in {cks[1].path} "
+                              "(merge models of the same family)")
+
+        meta = {"format": "pt", "sdexport_merge": json.dumps({
+            "method": method, "alpha": alpha, "a": ca.path.name, "b": cb.path.name,
+            "base": cc.path.name if cc is not None else None})}
+        counts = {"merged": 0, "copied": 0, "partial": len(partial), "skipped": len(ca.keys()) - len(names)}
+        with SafetensorsWriter(out, [(k, ca.tensors[k].dtype, ca.tensors[k].shape) for k in names], meta) as writer:
+            for k in names:
+                info = ca.tensors[k]
+                counts["merged" if info.dtype.is_floating_point else "copied"] += 1
+                if k in partial:
+                    ta, tb = ca.get(k), cb.get(k)
+                    tc = cc.get(k) if cc is not None else None
+                    n = tb.shape[1]
+                    merged = ta.clone()
+                    merged[:, :n] = merge_tensor(ta[:, :n], tb, alpha, method, tc)
+                    writer.write(k, merged)
+                    continue
+                if not info.shape:
+                    writer.write(k, merge_tensor(ca.get(k), cb.get(k), alpha, method, cc.get(k) if cc is not None else None))
+                    continue
+                # The formulas are elementwise: large tensors go through in blocks of rows.
+                step = max(1, CHUNK_BYTES // max(1, info.nbytes // info.shape[0]))
+                for start in range(0, info.shape[0], step):
+                    stop = min(start + step, info.shape[0])
+                    tc = cc.get_rows(k, start, stop) if cc is not None else None
+                    writer.write_rows(k, merge_tensor(ca.get_rows(k, start, stop), cb.get_rows(k, start, stop),
+                                                      alpha, method, tc))
+        return {"out": str(out), "method": method, "alpha": alpha, "tensors": counts}
+    finally:
+        for ck in cks:
+            ck.close()

@@ -1,11 +1,11 @@
-"""OpenVINO on this CPU against diffusers (PyTorch fp32), SD 1.5 architecture, one process.
+"""OpenVINO and ONNX Runtime on this CPU against diffusers (PyTorch fp32), SD 1.5 architecture, one process.
 
 For each setting: milliseconds per U-Net call (batch 2 = classifier-free guidance), end-to-end txt2img
 time (tokenizer to PNG-ready image), image PSNR against the OpenVINO fp32 image and against diffusers
 (same seed, torch-compatible RNG), artifact sizes; and cold start (a child process from its start to
 the first image) with an empty and with a warm compiled-model cache.
 
-Settings: diffusers fp32; OpenVINO fp32 IR with the f32 precision hint (parity) and with bf16 (this
+Settings: diffusers fp32; ONNX Runtime fp32 (the onnx target, same static shapes); OpenVINO fp32 IR with the f32 precision hint (parity) and with bf16 (this
 CPU's native choice); int8 weight-only; int4 weights (U-Net) ; hybrid (int8 activations for the
 convolutions, calibrated on real pipeline runs) - each quantized IR under both hints.
 
@@ -32,14 +32,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, timeit, write_results  # noqa: E402
+from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, prepare_model, timeit, write_results  # noqa: E402
 from runtime.metrics import psnr  # noqa: E402
 
 PROMPT = "a photo of a red circle in the top left on a blue background"
 PRECISIONS = ("fp32", "int8", "int4", "hybrid")
 
-# (label, export precision, OpenVINO INFERENCE_PRECISION_HINT)
+# (label, export, OpenVINO INFERENCE_PRECISION_HINT); "onnx-fp32" is the onnx target, the rest openvino
 SETTINGS = [
+    ("ONNX Runtime fp32", "onnx-fp32", None),
     ("OpenVINO fp32, f32 hint", "fp32", "f32"),
     ("OpenVINO fp32, bf16 hint", "fp32", "bf16"),
     ("OpenVINO int8 weights, f32 hint", "int8", "f32"),
@@ -66,28 +67,25 @@ print(json.dumps({"import_s": t_import, "open_s": t_open, "total_in_process_s": 
 """
 
 
-def prepare_model(kind: str, work: Path) -> Path:
-    from sdexport.tiny import save_sd15_random, save_tiny_pipeline
-
-    src = work / f"{kind}-diffusers"
-    if not (src / "model_index.json").exists():
-        print(f"building {kind} model in {src}", file=sys.stderr)
-        save_sd15_random(src) if kind == "sd15" else save_tiny_pipeline(src, "sd1")
-    return src
-
-
-def export_openvino(src: Path, out: Path, precision: str, size: int, calibration: dict) -> float | None:
+def export_static(src: Path, out: Path, target: str, precision: str, size: int, calibration: dict) -> float | None:
     """Static export (size x size, one prompt per call); returns seconds, or None when cached."""
     if (out / "sdexport.json").exists():
         return None
     from sdexport.export import export
     from sdexport.targets.base import ExportOptions
 
-    options = ExportOptions(target="openvino", precision=precision, height=size, width=size, batch=1,
+    options = ExportOptions(target=target, precision=precision, height=size, width=size, batch=1,
                             profile={"calibration": calibration}, overwrite=True)
     start = time.perf_counter()
     export(src, out, options, progress=True)
     return time.perf_counter() - start
+
+
+def runtime_options(threads: int, hint: str | None, cache: str | None) -> dict:
+    """Backend options: OpenVINO settings take a precision hint and a cache, ONNX Runtime neither."""
+    if hint is None:
+        return {"threads": threads}
+    return {"threads": threads, "precision_hint": hint, "cache_dir": cache}
 
 
 def unet_feeds(info, size: int) -> dict[str, np.ndarray]:
@@ -147,10 +145,11 @@ def main() -> None:
     src = prepare_model(args.model, args.work)
     calibration = {"samples": args.calibration_samples, "steps": args.steps, "scheduler": args.scheduler}
     artifacts, export_seconds, export_failures = {}, {}, {}
-    for precision in PRECISIONS:
-        out = args.work / f"{args.model}-openvino-{precision}-{size}"
+    for precision in ("onnx-fp32", *PRECISIONS):
+        target = "onnx" if precision.startswith("onnx") else "openvino"
+        out = args.work / f"{args.model}-{target}-{precision.removeprefix('onnx-')}-{size}"
         try:
-            seconds = export_openvino(src, out, precision, size, calibration)
+            seconds = export_static(src, out, target, precision.removeprefix("onnx-"), size, calibration)
         except SdexportError as e:  # reported in the results, the other settings still run
             export_failures[precision] = str(e)
             print(f"export {precision} failed: {e}", file=sys.stderr)
@@ -203,7 +202,7 @@ def main() -> None:
         for label, precision, hint in SETTINGS:
             if precision not in artifacts:
                 continue
-            options = {"threads": args.threads, "precision_hint": hint, "cache_dir": cache}
+            options = runtime_options(args.threads, hint, cache)
             pipe = Pipeline.from_dir(artifacts[precision], options=options)
             start = time.perf_counter()
             pipe.warmup()
@@ -233,11 +232,12 @@ def main() -> None:
                              f"{'-' + label.split(', ')[1].replace(' ', '_') if ', ' in label else ''}.png")
 
     # --- cold start -----------------------------------------------------------------------------
-    best = max((s for s in SETTINGS if s[0] in per_call), key=lambda s: (parity[s[0]]["psnr_db_vs_openvino_fp32"] >= 30.0,
+    best = max((s for s in SETTINGS if s[0] in per_call and s[0].startswith("OpenVINO")), key=lambda s: (parity[s[0]]["psnr_db_vs_openvino_fp32"] >= 30.0,
                                                       -per_call[s[0]]["median_ms"]))
     cold = {}
-    for label, precision, hint in [SETTINGS[0], best] if best != SETTINGS[0] else [SETTINGS[0]]:
-        options = {"threads": args.threads, "precision_hint": hint}
+    fp32 = SETTINGS[1]
+    for label, precision, hint in [fp32, best] if best != fp32 else [fp32]:
+        options = runtime_options(args.threads, hint, None)
         with tempfile.TemporaryDirectory(prefix="sdexport-bench-cold-") as tmp:
             cache = Path(tmp) / "cache"
             cold[label] = {
@@ -268,7 +268,7 @@ def main() -> None:
     size_rows = []
     for precision, comps in sizes.items():
         total = sum(c["bytes"] for c in comps.values())
-        size_rows.append([precision, *(f"{comps[n]['bytes'] / 1e6:,.1f} ({comps[n]['precision']})" for n in
+        size_rows.append([precision if precision.startswith("onnx") else f"openvino-{precision}", *(f"{comps[n]['bytes'] / 1e6:,.1f} ({comps[n]['precision']})" for n in
                                        ("text_encoder", "unet", "vae_encoder", "vae_decoder")), f"{total / 1e6:,.1f}",
                           f"{comps['unet']['parity_psnr_db'] or float('inf'):.1f}"])
     cold_rows = [[label, f"{v['no cache']['wall_s']:.1f}", f"{v['empty cache']['wall_s']:.1f}", f"{v['warm cache']['wall_s']:.1f}",
@@ -278,7 +278,7 @@ def main() -> None:
     best_ms = per_call[best[0]]["median_ms"]
     name = f"openvino-cpu-{args.model}-{size}"
     md = "\n".join([
-        f"# OpenVINO vs diffusers on CPU: {args.model} architecture at {size}x{size}, batch 2 (CFG), {args.threads} threads",
+        f"# OpenVINO and ONNX Runtime vs diffusers on CPU: {args.model} architecture at {size}x{size}, batch 2 (CFG), {args.threads} threads",
         f"machine: {results['machine']['cpu']} ({results['machine']['cores']} cores); command: `{results['machine']['command']}`; "
         f"openvino {results['machine']['libraries'].get('openvino')}, nncf {results['machine']['libraries'].get('nncf')}, "
         f"torch {results['machine']['libraries'].get('torch')}",

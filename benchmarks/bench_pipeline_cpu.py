@@ -21,22 +21,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, timeit, write_results  # noqa: E402
+from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, prepare_model, timeit, write_results  # noqa: E402
 from runtime.metrics import psnr  # noqa: E402
 from sdexport.reference_schedulers import use_scheduler  # noqa: E402
 
 PROMPT = "a photo of a red circle in the top left on a blue background"
 
 
-def prepare_model(kind: str, work: Path, controlnets: int) -> tuple[Path, list[Path]]:
+def prepare_with_controlnets(kind: str, work: Path, controlnets: int) -> tuple[Path, list[Path]]:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from sdexport.tiny import save_sd15_random, save_tiny_pipeline
-
-    src = work / f"{kind}-diffusers"
-    if not (src / "model_index.json").exists():
-        print(f"building {kind} model in {src}", file=sys.stderr)
-        save_sd15_random(src) if kind == "sd15" else save_tiny_pipeline(src, "sd1")
+    src = prepare_model(kind, work)
     cns = []
     for i in range(controlnets):
         path = work / f"{kind}-controlnet{i}"
@@ -99,7 +94,7 @@ def main() -> None:
 
     from runtime import Pipeline
 
-    src, cn_paths = prepare_model(args.model, args.work, args.controlnets)
+    src, cn_paths = prepare_with_controlnets(args.model, args.work, args.controlnets)
     artifact = args.work / f"{args.model}-onnx-cn{args.controlnets}"
     export_onnx(src, cn_paths, artifact)
 

@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, prepare_model, write_results  # noqa: E402
 from sdexport.errors import SdexportError  # noqa: E402
 
 # (label, precision, [quantize] settings)
@@ -54,16 +54,6 @@ PROMPTS = ("a photo of an astronaut riding a horse on mars", "a watercolor illus
 
 def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label).strip("-").replace("--", "-")
-
-
-def prepare_model(kind: str, work: Path) -> Path:
-    from sdexport.tiny import save_sd15_random, save_tiny_pipeline
-
-    src = work / f"{kind}-diffusers"
-    if not (src / "model_index.json").exists():
-        print(f"building {kind} model in {src}", file=sys.stderr)
-        save_sd15_random(src) if kind == "sd15" else save_tiny_pipeline(src, "sd1")
-    return src
 
 
 def export_setting(src: Path, out: Path, precision: str, quantize: dict, size: int, calibration: dict) -> float | None:

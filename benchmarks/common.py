@@ -3,32 +3,23 @@
 from __future__ import annotations
 
 import json
-import statistics
-import time
+import sys
 from pathlib import Path
-from typing import Callable
 
+from sdexport.bench import timeit  # noqa: F401  (re-exported for the scripts)
 from sdexport.machine import machine_info  # noqa: F401  (re-exported for the scripts)
+from sdexport.tiny import save_sd15_random, save_tiny_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
-    """Median and spread of wall time in milliseconds, after warm-up calls."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return {
-        "median_ms": statistics.median(samples),
-        "min_ms": min(samples),
-        "max_ms": max(samples),
-        "stdev_ms": statistics.stdev(samples) if len(samples) > 1 else 0.0,
-        "repeats": repeats,
-    }
+def prepare_model(kind: str, work: Path) -> Path:
+    """The benchmark's diffusers folder under ``work``: the SD 1.5 architecture (random weights) or the tiny pipeline."""
+    src = work / f"{kind}-diffusers"
+    if not (src / "model_index.json").exists():
+        print(f"building {kind} model in {src}", file=sys.stderr)
+        save_sd15_random(src) if kind == "sd15" else save_tiny_pipeline(src, "sd1")
+    return src
 
 
 def write_results(name: str, data: dict, markdown: str, out_dir: Path | None = None) -> Path:

@@ -50,7 +50,18 @@ class BenchConfig:
     backend_options: dict = dataclasses.field(default_factory=dict)
 
 
-def _timeit(fn, repeats: int, warmup: int) -> dict:
+def both_sides_threads(threads: int, backend_options: dict) -> dict | None:
+    """The same thread count for torch (the reference) and the runtime's backend; the backend options
+    for the runtime (None: the artifact's own)."""
+    options = dict(backend_options)
+    if threads:
+        torch.set_num_threads(threads)
+        options["threads"] = threads
+    return options or None
+
+
+def timeit(fn, repeats: int, warmup: int = 1) -> dict:
+    """Median and spread of wall time in milliseconds over ``repeats`` calls, after warm-up calls."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -60,7 +71,8 @@ def _timeit(fn, repeats: int, warmup: int) -> dict:
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
     return {"median_ms": float(np.median(samples)), "min_ms": samples[0], "max_ms": samples[-1],
-            "iqr_ms": float(np.percentile(samples, 75) - np.percentile(samples, 25)), "repeats": repeats}
+            "iqr_ms": float(np.percentile(samples, 75) - np.percentile(samples, 25)),
+            "stdev_ms": float(np.std(samples, ddof=1)) if len(samples) > 1 else 0.0, "repeats": repeats}
 
 
 def check_reference(source: DiffusersSource, manifest: Manifest) -> None:
@@ -137,12 +149,7 @@ def run_bench(artifact: str | Path, reference: str | Path, config: BenchConfig =
     info = manifest.model
     height = config.height or info.default_height
     width = config.width or info.default_width
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    options = dict(config.backend_options)
-    if config.threads:
-        options["threads"] = config.threads
-    pipe = Pipeline.from_dir(artifact, options=options or None)
+    pipe = Pipeline.from_dir(artifact, options=both_sides_threads(config.threads, config.backend_options))
     ref = _reference_pipeline(source, config.scheduler)
     # The weights must agree too: the text encoders on one prompt.
     ids = pipe.tokenizer([config.prompts[0]])
@@ -184,9 +191,9 @@ def _measure(pipe, ref, manifest, info, ids, text_psnr, config, height, width, a
         if name not in manifest.components:
             continue
         session = pipe.session(name)
-        runtime_t = _timeit(lambda: session.run(feed), config.repeats, config.warmup)
+        runtime_t = timeit(lambda: session.run(feed), config.repeats, config.warmup)
         with torch.no_grad():
-            torch_t = _timeit(lambda: torch_calls[name](feed), config.repeats, config.warmup)
+            torch_t = timeit(lambda: torch_calls[name](feed), config.repeats, config.warmup)
         components[name] = {"runtime": runtime_t, "pytorch": torch_t, "speedup": torch_t["median_ms"] / runtime_t["median_ms"],
                             "batch": next(iter(feed.values())).shape[0]}
         bar.update()

@@ -232,6 +232,8 @@ class Row:
 def _torch_pipelines(bundled: BundledModel):
     import diffusers
 
+    diffusers.utils.logging.set_verbosity_error()  # its safety-checker notice is not for a shapes model
+
     base = diffusers.StableDiffusionPipeline.from_pretrained(str(bundled.model), safety_checker=None,
                                                              requires_safety_checker=False)
     base.set_progress_bar_config(disable=True)
@@ -287,6 +289,9 @@ def _run(work: Path, out: Path, target: str, steps: int, guidance: float, progre
     from sdexport.export import export
     from sdexport.targets.base import ExportOptions
 
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # config notices about training-only fields
     timings: dict[str, float] = {}
 
     t = time.perf_counter()

@@ -303,11 +303,10 @@ def run_quality(artifact: str | Path, reference: str | Path, config: QualityConf
     ``cache``: a dict kept across calls with the same reference (benchmarks comparing several exports
     of one model): torch outputs and reference images are computed once.
     """
-    import torch
     from tqdm import tqdm
 
     from runtime.pipeline import Pipeline
-    from sdexport.bench import check_reference
+    from sdexport.bench import both_sides_threads, check_reference
     from sdexport.calibration import CalibrationSettings, collect
     from sdexport.components import Shape, model_info
     from sdexport.machine import machine_info
@@ -321,12 +320,8 @@ def run_quality(artifact: str | Path, reference: str | Path, config: QualityConf
     names = list(config.components or manifest.components)
     for name in names:
         manifest.component(name)  # an unknown name is a one-line error naming what the export has
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    options = dict(config.backend_options)
-    if config.threads:
-        options["threads"] = config.threads
-    pipe = Pipeline.from_dir(artifact, options=options or None)
+    options = both_sides_threads(config.threads, config.backend_options)
+    pipe = Pipeline.from_dir(artifact, options=options)
     static_h, static_w = pipe.static_size()
     height = config.height or static_h or info.default_height
     width = config.width or static_w or info.default_width
@@ -367,7 +362,7 @@ def run_quality(artifact: str | Path, reference: str | Path, config: QualityConf
         "target": manifest.exporter.get("target"),
         "machine": machine_info(),
         "config": {**{k: v for k, v in dataclasses.asdict(config).items() if k != "backend_options"},
-                   "backend_options": options, "height": height, "width": width},
+                   "backend_options": options or {}, "height": height, "width": width},
         "calibration": {k: data.info.get(k) for k in ("key", "scheduler", "counts", "cached")} if data else None,
         "artifact_bytes": sum(c.size_bytes for c in manifest.components.values()),
         "components": components,

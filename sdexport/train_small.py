@@ -104,11 +104,11 @@ class Settings:
     vae_kl: float = 1e-6  # weight of the KL sum per image
     vae_grad: float = 0.0  # weight of the L1 of pixel differences
     vae_mean_steps: int = 750  # then this many steps on the posterior mean, at the final learning rate
-    unet_steps: int = 3000
+    unet_steps: int = 8000  # held-out colour+shape accuracy (EMA weights): 0.70 at 3,000, 0.78 at 4,000
     unet_batch: int = 32
     unet_lr: float = 6e-4
     cfg_drop: float = 0.1  # captions replaced by "" (classifier-free guidance)
-    controlnet_steps: int = 1000
+    controlnet_steps: int = 3000  # held-out edge maps: position followed for 14 of 16 after 1,000 steps
     controlnet_batch: int = 32
     controlnet_lr: float = 5e-4
     controlnet_cfg_drop: float = 0.3

@@ -11,6 +11,15 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_caches(tmp_path_factory):
+    """Compiled-model and calibration caches in a temporary home, never the user's ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def clip_vocab_dir(tmp_path_factory) -> Path:
     from sdexport.clip_vocab import write_clip_vocab

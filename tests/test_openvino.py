@@ -31,15 +31,6 @@ STEPS = 8
 PROMPT = "a red circle in the top left on a blue background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_caches(tmp_path_factory):
-    """Compiled-model and calibration caches in a temporary home, not the user's ~/.cache."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-    yield
-    patch.undo()
-
-
 # Hybrid quantization calibrates on pipeline runs; the default (16 prompts x 20 steps) is what users
 # get, a smaller set keeps this file's run time in budget.
 SMALL_CALIBRATION = ("--calibration-prompts", "4", "--calibration-steps", "8")  # 16 U-Net feeds

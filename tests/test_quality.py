@@ -18,14 +18,6 @@ QUALITY = ("--steps", "4", "--samples", "4", "--calibration-steps", "4", "--prom
            "--prompt", "a lighthouse at dusk", "--seeds", "1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_caches(tmp_path_factory):
-    patch = pytest.MonkeyPatch()
-    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-    yield
-    patch.undo()
-
-
 def _number(value, low=-math.inf, high=math.inf) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high
 

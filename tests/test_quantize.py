@@ -32,15 +32,6 @@ STATIC = ("--height", str(SIZE), "--width", str(SIZE))
 _EXPORTS: dict = {}  # (source, flags) -> artifact directory, shared with tests/test_quality.py
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_caches(tmp_path_factory):
-    """The calibration cache in a temporary home, not the user's ~/.cache."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-    yield
-    patch.undo()
-
-
 def exported(tmp_path_factory, src: Path, *flags: str) -> Path:
     """Each (source, flags) exported once per test session."""
     key = (str(src), flags)

@@ -3,8 +3,8 @@
 Prompts are held-out captions (attribute combinations no training image had). The semantic check
 (:mod:`sdexport.semantic`) reads colour and shape off each image; the model must get both right for
 >= 90% of prompts through diffusers (torch), the exported ONNX artifact and the exported OpenVINO
-artifact, and >= 85% through OpenVINO int8. The demo runs and writes its grid; its ONNX export is
-reused for the ONNX checks and the ControlNet check.
+artifact, and >= 85% through OpenVINO int8 weights and the calibrated ONNX int8-static export. The
+demo runs and writes its grid; its ONNX export is reused for the ONNX checks and the ControlNet check.
 """
 
 from __future__ import annotations
@@ -243,3 +243,16 @@ def test_cli_demo_refuses_a_foreign_directory_in_one_line(capsys, tmp_path):
     code, err = run_cli(capsys, "demo", "--out", tmp_path, "--target", "onnx")
     assert_one_line_error(code, err, "not an earlier demo")
     assert (tmp_path / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_onnx_int8_static_export_keeps_the_prompted_colour_and_shape(bundled, prompts, tmp_path_factory):
+    """The calibrated QDQ U-Net (int8 weights and activations), calibrated on the bundled model's own runs."""
+    from sdexport.cli import main
+
+    out = tmp_path_factory.mktemp("onnx-int8-static") / "out"
+    assert main(["export", str(bundled.model), "--out", str(out), "--precision", "int8-static", "--quiet",
+                 "--calibration-prompts", "8", "--calibration-steps", str(STEPS)]) == 0
+    images = _runtime_images(out, prompts)
+    acc = _accuracy(images, prompts)
+    _report("ONNX int8-static", acc)
+    assert acc["color_and_shape"] >= MIN_ACCURACY_INT8

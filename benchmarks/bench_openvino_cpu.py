@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--calibration-samples", type=int, default=64)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                    help="OpenVINO exports to measure (default: all)")
     ap.add_argument("--export-only", action="store_true", help="write (or reuse) the exports and stop")
     args = ap.parse_args()
     size = args.size or (256 if args.model == "sd15" else 64)
@@ -145,7 +147,7 @@ def main() -> None:
     src = prepare_model(args.model, args.work)
     calibration = {"samples": args.calibration_samples, "steps": args.steps, "scheduler": args.scheduler}
     artifacts, export_seconds, export_failures = {}, {}, {}
-    for precision in ("onnx-fp32", *PRECISIONS):
+    for precision in ("onnx-fp32", *args.precisions):
         target = "onnx" if precision.startswith("onnx") else "openvino"
         out = args.work / f"{args.model}-{target}-{precision.removeprefix('onnx-')}-{size}"
         try:

@@ -125,9 +125,13 @@ def build_tiny_components(spec: TinySpec | str = "sd1", seed: int = 0, tokenizer
     if tokenizer_dir is None:
         import tempfile
 
-        tokenizer_dir = Path(tempfile.mkdtemp(prefix="sdexport-vocab-"))
-    vocab, merges = write_clip_vocab(tokenizer_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), pad_token=spec.pad_token, model_max_length=77)
+        # the tokenizer keeps its vocabulary in memory: the files are only needed while it loads
+        with tempfile.TemporaryDirectory(prefix="sdexport-vocab-") as scratch:
+            write_clip_vocab(scratch)
+            tokenizer = CLIPTokenizer.from_pretrained(scratch, pad_token=spec.pad_token, model_max_length=77)
+    else:
+        write_clip_vocab(tokenizer_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), pad_token=spec.pad_token, model_max_length=77)
     return dict(
         unet=unet.eval(),
         vae=vae.eval(),
@@ -167,13 +171,14 @@ def save_sd15_random(out_dir: str | Path, seed: int = 0) -> Path:
     import tempfile
 
     torch.manual_seed(seed)
-    vocab_dir = Path(tempfile.mkdtemp(prefix="sdexport-vocab-"))
-    write_clip_vocab(vocab_dir)
+    with tempfile.TemporaryDirectory(prefix="sdexport-vocab-") as vocab_dir:
+        write_clip_vocab(vocab_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(vocab_dir, model_max_length=77)
     pipe = diffusers.StableDiffusionPipeline(
         unet=UNet2DConditionModel(**SD15_UNET).eval(),
         vae=AutoencoderKL(**SD15_VAE).eval(),
         text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(str(vocab_dir), model_max_length=77),
+        tokenizer=tokenizer,
         scheduler=_scheduler(TinySpec("sd15")),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

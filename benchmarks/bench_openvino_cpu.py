@@ -81,6 +81,20 @@ def export_static(src: Path, out: Path, target: str, precision: str, size: int, 
     return time.perf_counter() - start
 
 
+def runtime_overhead(stats: dict) -> dict:
+    """The runtime's own share of one generation (tokenizer, scheduler, CFG arithmetic, image
+    conversion): its total time minus the model calls, from the pipeline's per-component timings."""
+    seconds = stats["component_seconds"]
+    own = seconds["total"] - sum(v for k, v in seconds.items() if k != "total")
+    return {"seconds": own, "percent_of_end_to_end": 100.0 * own / seconds["total"]}
+
+
+def overhead_line(runtime_stats: dict) -> str:
+    parts = [f"{label} {v['overhead']['seconds'] * 1e3:.0f} ms ({v['overhead']['percent_of_end_to_end']:.2f}%)"
+             for label, v in runtime_stats.items()]
+    return "- runtime overhead per generation (end to end minus model calls): " + "; ".join(parts)
+
+
 def runtime_options(threads: int, hint: str | None, cache: str | None) -> dict:
     """Backend options: OpenVINO settings take a precision hint and a cache, ONNX Runtime neither."""
     if hint is None:
@@ -215,6 +229,7 @@ def main() -> None:
             e2e[label] = timeit(lambda: runs.append(pipe.generate(PROMPT, **e2e_kwargs)), args.e2e_repeats, warmup=0)
             images[label] = runs[-1].image
             runtime_stats[label] = {"open_s": open_s, "component_seconds": runs[-1].timings, "calls": runs[-1].calls}
+            runtime_stats[label]["overhead"] = runtime_overhead(runtime_stats[label])
             print(f"{label}: U-Net {per_call[label]['median_ms']:.0f} ms, e2e {e2e[label]['median_ms'] / 1e3:.1f} s",
                   file=sys.stderr)
             del pipe, unet, runs
@@ -294,6 +309,7 @@ def main() -> None:
         f"- OpenVINO fp32 (f32 hint) per U-Net call: {base_ms / fp32_ms:.2f}x diffusers (goal >= 2.5x)",
         f"- best setting with image PSNR >= 30 dB vs fp32: **{best[0]}**, {base_ms / best_ms:.2f}x diffusers per U-Net call (goal >= 5x), "
         f"image PSNR {parity[best[0]]['psnr_db_vs_openvino_fp32']:.1f} dB vs OpenVINO fp32",
+        overhead_line(runtime_stats),
         "",
         "## Artifact sizes (MB, component precision) and U-Net parity vs torch at export",
         "",

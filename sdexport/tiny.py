@@ -73,11 +73,25 @@ def _scheduler(spec: TinySpec):
     return diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **config)
 
 
+def clip_tokenizer(directory: Path | None = None, **kwargs):
+    """transformers' CLIPTokenizer on the real vocabulary, written to ``directory`` (kept) or to a
+    temporary one: the tokenizer holds its vocabulary in memory once loaded."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    if directory is not None:
+        write_clip_vocab(directory)
+        return CLIPTokenizer.from_pretrained(str(directory), model_max_length=77, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="sdexport-vocab-") as scratch:
+        return clip_tokenizer(Path(scratch), **kwargs)
+
+
 def build_tiny_components(spec: TinySpec | str = "sd1", seed: int = 0, tokenizer_dir: Path | None = None):
     """The five components of a tiny pipeline, deterministic for a seed."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = TINY_SPECS[spec] if isinstance(spec, str) else spec
     torch.manual_seed(seed)
@@ -122,16 +136,7 @@ def build_tiny_components(spec: TinySpec | str = "sd1", seed: int = 0, tokenizer
             pad_token_id=1,
         )
     )
-    if tokenizer_dir is None:
-        import tempfile
-
-        # the tokenizer keeps its vocabulary in memory: the files are only needed while it loads
-        with tempfile.TemporaryDirectory(prefix="sdexport-vocab-") as scratch:
-            write_clip_vocab(scratch)
-            tokenizer = CLIPTokenizer.from_pretrained(scratch, pad_token=spec.pad_token, model_max_length=77)
-    else:
-        write_clip_vocab(tokenizer_dir)
-        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), pad_token=spec.pad_token, model_max_length=77)
+    tokenizer = clip_tokenizer(tokenizer_dir, pad_token=spec.pad_token)
     return dict(
         unet=unet.eval(),
         vae=vae.eval(),
@@ -166,14 +171,10 @@ def save_sd15_random(out_dir: str | Path, seed: int = 0) -> Path:
     import diffusers
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    import tempfile
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory(prefix="sdexport-vocab-") as vocab_dir:
-        write_clip_vocab(vocab_dir)
-        tokenizer = CLIPTokenizer.from_pretrained(vocab_dir, model_max_length=77)
+    tokenizer = clip_tokenizer()
     pipe = diffusers.StableDiffusionPipeline(
         unet=UNet2DConditionModel(**SD15_UNET).eval(),
         vae=AutoencoderKL(**SD15_VAE).eval(),

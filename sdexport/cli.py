@@ -100,7 +100,7 @@ def _with_quantize_flags(options, args):
 
 
 def _gpu_flags(args, options):
-    """--optimize into the profile's [onnx] table, --qdq-onnx into [tensorrt] (flags win)."""
+    """--optimize into the profile's [onnx] table, --qdq-onnx into [tensorrt], --winograd into [openvino] (flags win)."""
     import dataclasses
 
     profile = dict(options.profile)
@@ -108,6 +108,10 @@ def _gpu_flags(args, options):
         profile["onnx"] = {**(profile.get("onnx") or {}), "optimize": args.optimize}
     if args.qdq_onnx is not None:
         profile["tensorrt"] = {**(profile.get("tensorrt") or {}), "qdq_onnx": args.qdq_onnx}
+    if args.winograd is not None:
+        if options.target != "openvino":
+            raise UsageError(f"--winograd applies to --target openvino, not {options.target}")
+        profile["openvino"] = {**(profile.get("openvino") or {}), "winograd": args.winograd}
     return dataclasses.replace(options, profile=profile)
 
 
@@ -296,6 +300,8 @@ def cmd_generate(args) -> int:
         options["threads"] = args.threads
     if args.compute_units:
         options["compute_units"] = args.compute_units
+    if args.winograd:
+        options["winograd"] = args.winograd
     pipe = Pipeline.from_dir(args.dir, options=options or None, cfg=args.cfg)
     result = pipe.generate(
         args.prompt,
@@ -410,10 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="onnx | openvino | coreml | tensorrt (default: the profile's, else onnx)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--precision", help="fp32 | fp16, and target-specific ones: onnx int8 | int8-static | mixed, "
-                                       "openvino int8 | int4 | hybrid (default: the profile's, else fp32)")
+                                       "openvino int8 | int4 | hybrid | int8-static (default: the profile's, else fp32)")
     p.add_argument("--optimize", choices=("none", "gpu"),
                    help="onnx: gpu = onnxruntime.transformers fusions for the CUDA provider, then fp16 (default: the profile's)")
     p.add_argument("--qdq-onnx", metavar="DIR", help="tensorrt --precision int8: an `--target onnx --precision int8-static` export")
+    p.add_argument("--winograd", choices=("auto", "off", "f2", "f4"),
+                   help="openvino fp32 with static shapes: 3x3 convolutions as Winograd F(2)/F(4) on the CPU at f32; "
+                        "auto = where measured faster on this machine (default), f2/f4 = wherever the tile fits")
     p.add_argument("--height", type=int, help="static height in pixels (with --width)")
     p.add_argument("--width", type=int, help="static width in pixels (with --height)")
     p.add_argument("--batch", type=int, help="static number of prompts per call")
@@ -498,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int)
     g.add_argument("--compute-units", choices=("all", "cpu-and-gpu", "cpu-and-ne", "cpu-only"),
                    help="Core ML exports: override the compute units the export chose")
+    g.add_argument("--winograd", choices=("auto", "off"),
+                   help="OpenVINO CPU at f32: apply the export's Winograd plan (auto, default) or not (off)")
     g.add_argument("--output", "-o", required=True, help="PNG file to write")
     g.add_argument("--latents-out", help="also save the final latents (.npy)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")

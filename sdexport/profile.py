@@ -31,7 +31,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "cfg": {"mode": ("batched", "sequential")},
     "backend": {
         "device": str, "providers": list, "threads": int, "precision_hint": ("f32", "bf16", "f16"),
-        "performance_hint": ("LATENCY", "THROUGHPUT"), "cache_dir": str,
+        "performance_hint": ("LATENCY", "THROUGHPUT"), "cache_dir": str, "winograd": ("auto", "off"),
         "compute_units": ("all", "cpu-and-gpu", "cpu-and-ne", "cpu-only"),
     },
     "coreml": {
@@ -43,6 +43,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
                  "builder_size": list, "hardware_compatibility": ("none", "ampere_plus"), "qdq_onnx": str,
                  "workspace_mb": int},
     "onnx": {"optimize": ("none", "gpu")},
+    "openvino": {"frontend": ("torch", "onnx"), "int4_group_size": int, "winograd": ("auto", "off", "f2", "f4")},
     "quantize": {"min_psnr": float, "calibration_prompts": int, "calibration_steps": int},
     "validation": {"min_psnr_fp32": float, "min_psnr_reduced": float},
 }

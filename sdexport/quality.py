@@ -11,7 +11,7 @@ Two measurements, both against the reference model in fp32 PyTorch on this machi
   diffusers pipeline; image PSNR and SSIM, and a grid PNG (reference | export | difference per run).
 
 Nothing here knows a target: every backend the runtime opens reports through the same code, so ONNX
-int8/int8-static/mixed, OpenVINO fp16/int8/int4/hybrid and Core ML palettization (where Core ML runs)
+int8/int8-static/mixed, OpenVINO fp16/int8/int4/hybrid/int8-static and Core ML palettization (where Core ML runs)
 are compared on equal terms. The result is written as JSON (schema ``sdexport-quality/1``), markdown
 and the grid PNG.
 """

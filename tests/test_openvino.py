@@ -3,7 +3,7 @@
 - fp32 IR with the f32 precision hint gives diffusers' image for the same seed (``--rng torch``):
   PSNR >= 45 dB on the 8-bit PNG for txt2img (SD1-like and SD2-v-like), img2img, inpainting (9-channel
   model and SD1 with a mask), ControlNet, and a static-shape export;
-- fp16 / int8 / int4 / hybrid exports record what they did (component precision, sizes, parity against
+- fp16 / int8 / int4 / hybrid / int8-static exports record what they did (component precision, sizes, parity against
   torch) and their image PSNR against the fp32 export's image is measured and printed;
 - the backend: device and hint handling, the compiled-model cache, reused infer requests;
 - calibration data: deterministic, cached, bounded, keyed by the ComponentSpec input names;
@@ -45,7 +45,7 @@ def export(tmp_path_factory):
         key = (str(src), flags)
         if key not in done:
             out = tmp_path_factory.mktemp("openvino") / "out"
-            if "hybrid" in flags:
+            if "hybrid" in flags or "int8-static" in flags:
                 flags = (*flags, *SMALL_CALIBRATION)
             assert main(["export", str(src), "--target", "openvino", "--out", str(out), "--quiet", *flags]) == 0
             done[key] = out
@@ -184,6 +184,7 @@ EXPECTED = {
     "int8": dict.fromkeys(("text_encoder", "unet", "vae_encoder", "vae_decoder"), "int8"),
     "int4": {"text_encoder": "int8", "unet": "int4", "vae_encoder": "int8", "vae_decoder": "int8"},
     "hybrid": {"text_encoder": "int8", "unet": "hybrid", "vae_encoder": "int8", "vae_decoder": "int8"},
+    "int8-static": {"text_encoder": "int8", "unet": "int8-static", "vae_encoder": "int8", "vae_decoder": "int8"},
 }
 
 
@@ -201,6 +202,11 @@ def test_reduced_precision(export, tmp_path, tiny_sd1, precision):
         assert c["details"]["file_bytes"]["model.bin"] == next(f["bytes"] for f in c["files"] if f["path"].endswith(".bin"))
         assert c["details"]["weights"]["format"]
         report.append(f"{name} {expected} {size / 1e6:.2f} MB {c['parity']['psnr_db']:.1f} dB")
+    if precision == "int8-static":
+        # int8 activations in front of the weighted MatMuls as well, unlike hybrid
+        quantizers = small["unet"]["details"]["activation_quantizers"]
+        assert quantizers.get("Convolution", 0) > 0 and quantizers.get("MatMul", 0) > 0, quantizers
+        assert small["unet"]["details"]["calibration"]["samples"] == 16
     if precision == "hybrid":
         calibration = small["unet"]["details"]["calibration"]
         assert calibration["samples"] == 16 and calibration["prompts"] == 4 and calibration["steps"] == 8
@@ -317,7 +323,7 @@ def test_device_the_machine_lacks(capsys, export, tiny_sd1, tmp_path):
 
 def test_unsupported_precision(capsys, tiny_sd1, tmp_path):
     code, err = run_cli(capsys, "export", tiny_sd1, "--target", "openvino", "--precision", "int2", "--out", tmp_path / "o")
-    assert_one_line_error(code, err, "int2", "fp32, fp16, int8, int4, hybrid")
+    assert_one_line_error(code, err, "int2", "fp32, fp16, int8, int4, hybrid, int8-static")
     assert not (tmp_path / "o").exists()
 
 

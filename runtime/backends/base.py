@@ -24,6 +24,7 @@ class SessionOptions:
     precision_hint: str | None = None  # OpenVINO INFERENCE_PRECISION_HINT (f32 for parity, bf16, f16)
     performance_hint: str | None = None  # OpenVINO LATENCY / THROUGHPUT
     cache_dir: str | None = None  # compiled-model cache
+    winograd: str | None = None  # OpenVINO CPU f32: "auto" applies the export's Winograd plan, "off" never
     compute_units: str | None = None  # Core ML
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -12,6 +12,9 @@ Settings come from :class:`SessionOptions`:
 - ``cache_dir``: compiled-model cache, so that the second start of a process skips compilation.
   Default: ``$XDG_CACHE_HOME/sdexport/openvino`` (``~/.cache/...``); an empty string disables it.
   Each device / precision / hint combination gets its own subdirectory (see :func:`compile_config`).
+- ``winograd``: ``auto`` (default) rewrites the 3x3 convolutions that the export measured to be faster
+  as Winograd F(2)/F(4) (manifest ``details["winograd"]``), when compiling for the CPU at f32;
+  ``off`` compiles the graph as stored. See :mod:`runtime.backends.openvino_winograd`.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import numpy as np
 import openvino as ov
 
 from runtime.backends.base import BackendError, SessionOptions, check_feeds
+from runtime.backends.openvino_winograd import apply_plan, plan_tiles
 from runtime.manifest import Component
 
 DEVICES = ("cpu", "gpu", "npu", "auto")
 PRECISION_HINTS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+WINOGRAD = ("auto", "off")
 
 _CORE: ov.Core | None = None
 
@@ -99,6 +104,18 @@ def compile_config(options: SessionOptions, device: str, available: list[str]) -
     return config
 
 
+def winograd_tiles(component: Component, options: SessionOptions, device: str, config: dict) -> dict:
+    """The export's Winograd plan if it applies to this session: CPU, f32 compute, option not off.
+    (Under bf16 the rewrite is slower and loses accuracy; other devices have their own convolutions.)"""
+    mode = str(options.winograd or "auto").lower()
+    if mode not in WINOGRAD:
+        raise BackendError(f"unknown winograd option {options.winograd!r}; use {' or '.join(WINOGRAD)}")
+    plan = component.details.get("winograd") or {}
+    if mode == "off" or device != "CPU" or config.get("INFERENCE_PRECISION_HINT") != "f32":
+        return {}
+    return plan_tiles(plan.get("layers", ()))
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     # OpenVINO prefixes messages with "Exception from src/...cpp:N:" lines; keep the first real one.
@@ -126,6 +143,8 @@ class OpenVinoSession:
         missing = [t.name for t in component.inputs + component.outputs if t.name not in names]
         if missing:
             raise BackendError(f"{xml}: the model lacks {', '.join(missing)} that the manifest lists")
+        tiles = winograd_tiles(component, options, self.device, self.config)
+        self.winograd_convolutions = apply_plan(model, tiles) if tiles else 0
         try:
             self._compiled = ov_core.compile_model(model, self.device, self.config)
         except Exception as e:

@@ -1,4 +1,4 @@
-"""OpenVINO target: IR (model.xml + model.bin) per component, NNCF weight compression, hybrid quantization.
+"""OpenVINO target: IR (model.xml + model.bin) per component, NNCF weight compression, hybrid and full int8.
 
 Frontend: ``openvino.convert_model`` straight from the torch module (TorchScript trace of the spec's
 example inputs), not from an ONNX export. Measured on this project's CPU (2 cores, AVX-512 BF16),
@@ -20,7 +20,11 @@ tracer cannot follow.
 Precisions (``Converted.details`` records per component what was done: weight format per op type,
 bytes per element type, file sizes, calibration):
 
-- ``fp32``: weights as exported (``compress_to_fp16=False``).
+- ``fp32``: weights as exported (``compress_to_fp16=False``). With static shapes the export also
+  measures, per 3x3 convolution shape, whether Winograd F(2)/F(4) beats the CPU plugin's direct
+  convolution at f32 and records the plan (``details["winograd"]``); the runtime applies it when it
+  compiles for the CPU at f32 (``winograd`` = auto | off | f2 | f4 in the profile's ``openvino`` table or
+  ``--winograd``; see :mod:`sdexport.targets.winograd_tuning`). The IR on disk is unchanged by it.
 - ``fp16``: weights stored in fp16, decompressed at load; compute precision is the runtime's hint.
 - ``int8``: NNCF weight-only compression, int8 asymmetric per output channel, of every MatMul,
   Convolution and embedding; activations stay floating point.
@@ -38,6 +42,12 @@ bytes per element type, file sizes, calibration):
   weights and full int8 quantization (weights and activations) of the rest, the convolutions, with
   activation ranges from real pipeline runs (:mod:`sdexport.calibration`), as optimum-intel's
   hybrid mode does; the other components get int8 weights.
+- ``int8-static``: the U-Net fully quantized, int8 weights and int8 activations in front of the
+  convolutions and the MatMuls too (NNCF's transformer preset: SmoothQuant off, as for hybrid), from
+  the same calibration runs; the other components get int8 weights. SD 1.5 architecture, 256x256,
+  bf16 hint, this CPU (``benchmarks/results/openvino-cpu-sd15-256.md``): 287 ms per U-Net call against
+  hybrid's 346 ms (int8 VNNI MatMuls instead of bf16), U-Net parity 37.3 dB against torch (hybrid
+  37.5 dB), image 39.4 dB against fp32 (hybrid 39.4 dB).
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ OV_DTYPES = {"float32": ov.Type.f32, "float16": ov.Type.f16, "int64": ov.Type.i6
 DTYPE_NAMES = {"f32": "float32", "f16": "float16", "i64": "int64", "i32": "int32"}
 
 INT4_GROUP = 64
+WINOGRAD_MODES = ("auto", "off", "f2", "f4")
 INT4_ROLES = ("unet", "controlnet")  # roles whose MatMul weights int4 applies to (see the module docstring)
 
 
@@ -74,6 +85,7 @@ class OpenVinoSettings:
 
     frontend: str = "torch"
     int4_group_size: int = INT4_GROUP
+    winograd: str = "auto"  # fp32 exports: Winograd plan for the CPU (see sdexport.targets.winograd_tuning)
 
     @classmethod
     def from_options(cls, options: ExportOptions) -> "OpenVinoSettings":
@@ -85,6 +97,8 @@ class OpenVinoSettings:
         settings = cls(**values)
         if settings.frontend not in FRONTENDS:
             raise OptionError(f"openvino frontend {settings.frontend!r}: use one of {', '.join(FRONTENDS)}")
+        if settings.winograd not in WINOGRAD_MODES:
+            raise OptionError(f"openvino winograd {settings.winograd!r}: use one of {', '.join(WINOGRAD_MODES)}")
         return settings
 
 
@@ -245,23 +259,37 @@ def compress_int4(model: ov.Model, group_size: int) -> ov.Model:
         )
 
 
-def hybrid_quantize(model: ov.Model, feeds: list[dict[str, np.ndarray]]) -> ov.Model:
-    """Weights of MatMul/embeddings to int8 (weight-only); everything else (convolutions) gets int8
-    weights and int8 activations, with ranges from the calibration feeds."""
-    keep_float_activations = weighted_matmuls_and_embeddings(model)
-    has_conv = any(op.get_type_name() == "Convolution" for op in model.get_ops())
-    model = compress_int8(model, ignored_types=("Convolution",) if has_conv else ())
+def _quantize(model: ov.Model, feeds: list[dict[str, np.ndarray]], keep_float: list[str] = ()) -> ov.Model:
+    """NNCF post-training quantization (transformer preset, SmoothQuant off as optimum-intel does),
+    activation ranges from the feeds; the ops named in ``keep_float`` keep float activations."""
     with _quiet_nncf() as nncf:
         return nncf.quantize(
             model,
             nncf.Dataset(feeds),
             subset_size=len(feeds),
             model_type=nncf.ModelType.TRANSFORMER,
-            ignored_scope=nncf.IgnoredScope(names=keep_float_activations, validate=False),
+            ignored_scope=nncf.IgnoredScope(names=list(keep_float), validate=False) if keep_float else None,
             advanced_parameters=nncf.AdvancedQuantizationParameters(
-                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1)  # SmoothQuant off, as optimum-intel does
+                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1)
             ),
         )
+
+
+def hybrid_quantize(model: ov.Model, feeds: list[dict[str, np.ndarray]]) -> ov.Model:
+    """Weights of MatMul/embeddings to int8 (weight-only); everything else (convolutions) gets int8
+    weights and int8 activations, with ranges from the calibration feeds."""
+    keep_float_activations = weighted_matmuls_and_embeddings(model)
+    has_conv = any(op.get_type_name() == "Convolution" for op in model.get_ops())
+    model = compress_int8(model, ignored_types=("Convolution",) if has_conv else ())
+    return _quantize(model, feeds, keep_float_activations)
+
+
+def full_quantize(model: ov.Model, feeds: list[dict[str, np.ndarray]]) -> ov.Model:
+    """int8 weights and activations wherever the transformer preset puts quantizers, MatMuls included."""
+    return _quantize(model, feeds)
+
+
+CALIBRATED = ("hybrid", "int8-static")  # precisions whose U-Net is calibrated on pipeline runs
 
 
 def save(model: ov.Model, out_dir: Path, compress_to_fp16: bool) -> list[Path]:
@@ -276,7 +304,7 @@ def save(model: ov.Model, out_dir: Path, compress_to_fp16: bool) -> list[Path]:
 class OpenVinoTarget:
     name = "openvino"
     backend = "openvino"
-    precisions = ("fp32", "fp16", "int8", "int4", "hybrid")
+    precisions = ("fp32", "fp16", "int8", "int4", "hybrid", "int8-static")
     # Backend options for the parity check at export, over whatever the profile asks for at run time:
     # f32 compute (the CPU plugin would pick bf16 on AVX-512 BF16 / AMX CPUs) and no compiled-model
     # cache (a staging directory compiled once would only leave blobs behind).
@@ -292,7 +320,7 @@ class OpenVinoTarget:
         example = spec.example(shape, torch.Generator().manual_seed(0))
         details: dict[str, Any] = {}
         calibration = None
-        if precision == "hybrid" and spec.role == "unet":
+        if precision in CALIBRATED and spec.role == "unet":
             from sdexport.quantize import calibration_feeds
 
             # before conversion: the calibration runs use this same torch U-Net (LoRAs fused, say);
@@ -316,11 +344,18 @@ class OpenVinoTarget:
             fp32_bytes = sum(weight_bytes(model).values())
             model, effective, weights = self._compress(spec, model, precision, settings, calibration)
             details["weights"] = weights
+            if effective == "fp32":
+                from sdexport.targets.winograd_tuning import plan as winograd_plan
+
+                threads = int(options.backend_options.get("threads") or 0)
+                winograd = winograd_plan(model, settings.winograd, threads=threads, label=spec.name)
+                if winograd is not None:
+                    details["winograd"] = winograd
             if calibration is not None:
                 details["calibration"] = calibration[1]
             files = save(model, out_dir, compress_to_fp16=(effective == "fp16"))
         details["weight_formats"] = weight_formats(model)  # counted on the saved graph
-        if effective == "hybrid":
+        if effective in CALIBRATED:
             details["activation_quantizers"] = activation_quantizers(model)
         details["constant_bytes"] = weight_bytes(model)
         details["fp32_constant_bytes"] = fp32_bytes
@@ -350,11 +385,17 @@ class OpenVinoTarget:
                           "(Convolution; see activation_quantizers for every op whose inputs are quantized)",
                 "kept_higher": "MatMul/embedding activations float; biases and norms fp32",
             }
+        if precision == "int8-static" and calibration is not None:
+            model = full_quantize(model, calibration[0])
+            return model, "int8-static", {
+                "format": "int8 weights and int8 activations (Convolution and MatMul; see activation_quantizers)",
+                "kept_higher": "what NNCF's transformer preset keeps float (softmax, normalizations); biases fp32",
+            }
         model = compress_int8(model)
         weights = {"format": "int8_asym per-channel weight-only (MatMul, Convolution, embeddings)",
                    "kept_higher": "activations float; biases and norms fp32"}
         if precision != "int8":
             weights["requested"] = precision
             weights["why_int8"] = (f"{precision} applies to {', '.join(INT4_ROLES)} only" if precision == "int4"
-                                   else "hybrid quantization applies to the U-Net; other components get int8 weights")
+                                   else f"{precision} quantization applies to the U-Net; other components get int8 weights")
         return model, "int8", weights

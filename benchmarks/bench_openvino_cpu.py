@@ -5,9 +5,11 @@ time (tokenizer to PNG-ready image), image PSNR against the OpenVINO fp32 image 
 (same seed, torch-compatible RNG), artifact sizes; and cold start (a child process from its start to
 the first image) with an empty and with a warm compiled-model cache.
 
-Settings: diffusers fp32; ONNX Runtime fp32 (the onnx target, same static shapes); OpenVINO fp32 IR with the f32 precision hint (parity) and with bf16 (this
-CPU's native choice); int8 weight-only; int4 weights (U-Net) ; hybrid (int8 activations for the
-convolutions, calibrated on real pipeline runs) - each quantized IR under both hints.
+Settings: diffusers fp32; ONNX Runtime fp32 (the onnx target, same static shapes); OpenVINO fp32 IR with
+the f32 precision hint (parity; the export's Winograd plan applied, as users get it, and without it:
+direct convolutions) and with bf16 (this CPU's native choice); int8 weight-only; int4 weights (U-Net);
+hybrid (int8 activations for the convolutions, calibrated on real pipeline runs); int8-static (int8
+activations for the MatMuls too, same calibration) - each quantized IR under both hints.
 
     python benchmarks/bench_openvino_cpu.py                 # SD 1.5 architecture at 256x256
     python benchmarks/bench_openvino_cpu.py --model tiny    # a quick check of the script itself
@@ -36,12 +38,16 @@ from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, 
 from runtime.metrics import psnr  # noqa: E402
 
 PROMPT = "a photo of a red circle in the top left on a blue background"
-PRECISIONS = ("fp32", "int8", "int4", "hybrid")
+PRECISIONS = ("fp32", "int8", "int4", "hybrid", "int8-static")
 
-# (label, export, OpenVINO INFERENCE_PRECISION_HINT); "onnx-fp32" is the onnx target, the rest openvino
+# (label, export, OpenVINO INFERENCE_PRECISION_HINT); "onnx-fp32" is the onnx target, the rest openvino.
+# Labels ending in DIRECT run with the runtime's winograd option off.
+FP32 = "OpenVINO fp32, f32 hint"
+DIRECT = ", direct convolutions"
 SETTINGS = [
     ("ONNX Runtime fp32", "onnx-fp32", None),
-    ("OpenVINO fp32, f32 hint", "fp32", "f32"),
+    (FP32, "fp32", "f32"),
+    (FP32 + DIRECT, "fp32", "f32"),
     ("OpenVINO fp32, bf16 hint", "fp32", "bf16"),
     ("OpenVINO int8 weights, f32 hint", "int8", "f32"),
     ("OpenVINO int8 weights, bf16 hint", "int8", "bf16"),
@@ -49,6 +55,8 @@ SETTINGS = [
     ("OpenVINO int4 weights, bf16 hint", "int4", "bf16"),
     ("OpenVINO hybrid int8, f32 hint", "hybrid", "f32"),
     ("OpenVINO hybrid int8, bf16 hint", "hybrid", "bf16"),
+    ("OpenVINO int8-static, f32 hint", "int8-static", "f32"),
+    ("OpenVINO int8-static, bf16 hint", "int8-static", "bf16"),
 ]
 
 COLD_START_CHILD = r"""
@@ -63,7 +71,9 @@ t_open = time.perf_counter() - t0 - t_import
 image = pipe(sys.argv[3], steps=int(sys.argv[4]), scheduler=sys.argv[5], seed=1, rng="torch",
              height=int(sys.argv[6]), width=int(sys.argv[6]))
 image.save(sys.argv[7])
-print(json.dumps({"import_s": t_import, "open_s": t_open, "total_in_process_s": time.perf_counter() - t0}))
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+print(json.dumps({"import_s": t_import, "open_s": t_open, "total_in_process_s": time.perf_counter() - t0,
+                  "peak_rss_mb": int(hwm[0].split()[1]) / 1024 if hwm else None}))
 """
 
 
@@ -95,11 +105,29 @@ def overhead_line(runtime_stats: dict) -> str:
     return "- runtime overhead per generation (end to end minus model calls): " + "; ".join(parts)
 
 
-def runtime_options(threads: int, hint: str | None, cache: str | None) -> dict:
-    """Backend options: OpenVINO settings take a precision hint and a cache, ONNX Runtime neither."""
+def runtime_options(label: str, threads: int, hint: str | None, cache: str | None) -> dict:
+    """Backend options: OpenVINO settings take a precision hint, a cache and the Winograd switch; ONNX Runtime none."""
     if hint is None:
         return {"threads": threads}
-    return {"threads": threads, "precision_hint": hint, "cache_dir": cache}
+    return {"threads": threads, "precision_hint": hint, "cache_dir": cache,
+            "winograd": "off" if label.endswith(DIRECT) else "auto"}
+
+
+def winograd_line(artifact: Path) -> str:
+    """What the fp32 export's Winograd plan does to the U-Net, from its manifest."""
+    from runtime.manifest import Manifest
+
+    plan = Manifest.load(artifact).component("unet").details.get("winograd")
+    if not plan:
+        return "- U-Net Winograd plan: none"
+    tiles = {}
+    for layer in plan["layers"]:
+        tiles[layer["tile"]] = tiles.get(layer["tile"], 0) + layer["count"]
+    split = ", ".join(f"{n} {'direct' if t == 0 else f'F({t}x{t},3x3)'}" for t, n in sorted(tiles.items(), reverse=True))
+    return (f"- U-Net Winograd plan (tuned at export, {plan['tuned_on']['threads']} threads): {plan['convolutions']} of "
+            f"{plan['of_eligible']} 3x3 convolutions rewritten ({split}); measured per layer at export: "
+            f"{plan.get('measured_saving_ms', 0):.0f} ms less per call; "
+            f"+{plan['extra_weight_bytes'] / 1e6:,.0f} MB of transformed weights in memory")
 
 
 def unet_feeds(info, size: int) -> dict[str, np.ndarray]:
@@ -218,7 +246,7 @@ def main() -> None:
         for label, precision, hint in SETTINGS:
             if precision not in artifacts:
                 continue
-            options = runtime_options(args.threads, hint, cache)
+            options = runtime_options(label, args.threads, hint, cache)
             pipe = Pipeline.from_dir(artifacts[precision], options=options)
             start = time.perf_counter()
             pipe.warmup()
@@ -239,22 +267,22 @@ def main() -> None:
     def image_psnr(a, b) -> float:
         return psnr(np.asarray(a, np.float64), np.asarray(b, np.float64), peak=255.0)
 
-    ref_ov = images["OpenVINO fp32, f32 hint"]
+    ref_ov = images[FP32]
     parity = {label: {"psnr_db_vs_openvino_fp32": image_psnr(ref_ov, img), "psnr_db_vs_diffusers": image_psnr(images[label_pt], img)}
               for label, img in images.items()}
     image_dir = args.work / f"openvino-cpu-{args.model}-{size}-images"
     image_dir.mkdir(parents=True, exist_ok=True)
     for i, (label, img) in enumerate(images.items()):
-        img.save(image_dir / f"{i}-{label.split(',')[0].replace(' ', '_').replace('(', '').replace(')', '')}"
-                             f"{'-' + label.split(', ')[1].replace(' ', '_') if ', ' in label else ''}.png")
+        slug = "-".join(part.replace(" ", "_") for part in label.replace("(", "").replace(")", "").split(", "))
+        img.save(image_dir / f"{i}-{slug}.png")
 
     # --- cold start -----------------------------------------------------------------------------
     best = max((s for s in SETTINGS if s[0] in per_call and s[0].startswith("OpenVINO")), key=lambda s: (parity[s[0]]["psnr_db_vs_openvino_fp32"] >= 30.0,
                                                       -per_call[s[0]]["median_ms"]))
     cold = {}
-    fp32 = SETTINGS[1]
-    for label, precision, hint in [fp32, best] if best != fp32 else [fp32]:
-        options = runtime_options(args.threads, hint, None)
+    fp32 = [s for s in SETTINGS if s[0] in (FP32, FP32 + DIRECT)]
+    for label, precision, hint in fp32 + ([best] if best not in fp32 else []):
+        options = runtime_options(label, args.threads, hint, None)
         with tempfile.TemporaryDirectory(prefix="sdexport-bench-cold-") as tmp:
             cache = Path(tmp) / "cache"
             cold[label] = {
@@ -280,7 +308,7 @@ def main() -> None:
         p = parity[label]
         rows.append([label, per_call[label]["median_ms"], base_ms / per_call[label]["median_ms"],
                      e2e[label]["median_ms"] / 1e3, base_e2e / e2e[label]["median_ms"],
-                     "-" if label == "OpenVINO fp32, f32 hint" else f"{p['psnr_db_vs_openvino_fp32']:.1f}",
+                     "-" if label == FP32 else f"{p['psnr_db_vs_openvino_fp32']:.1f}",
                      "-" if label == label_pt else f"{p['psnr_db_vs_diffusers']:.1f}"])
     size_rows = []
     for precision, comps in sizes.items():
@@ -289,9 +317,11 @@ def main() -> None:
                                        ("text_encoder", "unet", "vae_encoder", "vae_decoder")), f"{total / 1e6:,.1f}",
                           f"{comps['unet']['parity_psnr_db'] or float('inf'):.1f}"])
     cold_rows = [[label, f"{v['no cache']['wall_s']:.1f}", f"{v['empty cache']['wall_s']:.1f}", f"{v['warm cache']['wall_s']:.1f}",
-                  f"{v['empty cache']['open_s']:.1f} / {v['warm cache']['open_s']:.1f}", f"{v['cache_bytes'] / 1e6:,.0f}"]
+                  f"{v['empty cache']['open_s']:.1f} / {v['warm cache']['open_s']:.1f}", f"{v['cache_bytes'] / 1e6:,.0f}",
+                  f"{v['no cache'].get('peak_rss_mb') or 0:,.0f} / {v['warm cache'].get('peak_rss_mb') or 0:,.0f}"]
                  for label, v in cold.items()]
-    fp32_ms = per_call["OpenVINO fp32, f32 hint"]["median_ms"]
+    fp32_ms = per_call[FP32]["median_ms"]
+    direct_ms = per_call[FP32 + DIRECT]["median_ms"]
     best_ms = per_call[best[0]]["median_ms"]
     name = f"openvino-cpu-{args.model}-{size}"
     md = "\n".join([
@@ -306,7 +336,9 @@ def main() -> None:
         markdown_table(["setting", "U-Net ms", "x diffusers", "end to end s", "x diffusers", "image PSNR vs OV fp32 dB",
                         "image PSNR vs diffusers dB"], rows),
         "",
-        f"- OpenVINO fp32 (f32 hint) per U-Net call: {base_ms / fp32_ms:.2f}x diffusers (goal >= 2.5x)",
+        f"- OpenVINO fp32 (f32 hint) per U-Net call: {base_ms / fp32_ms:.2f}x diffusers (goal >= 2.5x); "
+        f"with direct convolutions {base_ms / direct_ms:.2f}x",
+        winograd_line(artifacts["fp32"]),
         f"- best setting with image PSNR >= 30 dB vs fp32: **{best[0]}**, {base_ms / best_ms:.2f}x diffusers per U-Net call (goal >= 5x), "
         f"image PSNR {parity[best[0]]['psnr_db_vs_openvino_fp32']:.1f} dB vs OpenVINO fp32",
         overhead_line(runtime_stats),
@@ -317,7 +349,8 @@ def main() -> None:
         "",
         "## Cold start: child process start to first image (s)",
         "",
-        markdown_table(["setting", "no cache", "empty cache", "warm cache", "open+compile s (empty / warm)", "cache MB"], cold_rows),
+        markdown_table(["setting", "no cache", "empty cache", "warm cache", "open+compile s (empty / warm)", "cache MB",
+                        "peak RSS MB (no cache / warm)"], cold_rows),
         "",
         f"Calibration for hybrid: {json.dumps(calibration)}; export seconds this run: "
         f"{json.dumps({k: round(v) for k, v in export_seconds.items()}) if export_seconds else 'exports were cached'}.",

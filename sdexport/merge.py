@@ -39,18 +39,47 @@ def _check_is_model(checkpoint) -> None:
     detect(checkpoint.tensors, checkpoint.path)  # a LoRA, an SDXL file, a VAE ... -> SourceError
 
 
+class _Blocks:
+    """Buffers reused by every block of rows. A fresh allocation per block left the process's peak to
+    the allocator: glibc's dynamic mmap threshold kept ~20 MB more resident in about half of the runs
+    of tests/test_merge.py (45.8 vs 25.3 MB added for two 101 MB checkpoints, measured)."""
+
+    def __init__(self) -> None:
+        self._raw: dict[str, torch.Tensor] = {}
+
+    def raw(self, role: str, nbytes: int) -> torch.Tensor:
+        """A flat uint8 buffer of at least ``nbytes`` for ``role``, grown only when a block needs more."""
+        buffer = self._raw.get(role)
+        if buffer is None or buffer.numel() < nbytes:
+            self._raw.pop(role, None)
+            buffer = self._raw[role] = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer
+
+    def tensor(self, role: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        n = like.numel() * torch.empty((), dtype=dtype).element_size()
+        return self.raw(role, n)[:n].view(dtype).reshape(like.shape)
+
+    def merge(self, a: torch.Tensor, b: torch.Tensor, alpha: float, method: str,
+              c: torch.Tensor | None) -> torch.Tensor:
+        """One block of the merge, in A's dtype, computed in float32 (float64 for float64) in the
+        reused buffers."""
+        if not a.is_floating_point():
+            return a
+        compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+        x = self.tensor("x", a, compute).copy_(a)
+        y = self.tensor("y", b, compute).copy_(b)
+        if method == "weighted":
+            x.mul_(1 - alpha).add_(y.mul_(alpha))  # (1 - alpha) * a + alpha * b
+        else:
+            y.sub_(self.tensor("z", c, compute).copy_(c))
+            x.add_(y.mul_(alpha))  # a + alpha * (b - c)
+        return x if a.dtype == compute else self.tensor("out", a, a.dtype).copy_(x)
+
+
 def merge_tensor(a: torch.Tensor, b: torch.Tensor, alpha: float, method: str = "weighted",
                  c: torch.Tensor | None = None) -> torch.Tensor:
     """One tensor of the merge, in A's dtype (see the module docstring for the formulas)."""
-    if not a.is_floating_point():
-        return a
-    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
-    a32, b32 = a.to(compute), b.to(compute)
-    if method == "weighted":
-        out = (1 - alpha) * a32 + alpha * b32
-    else:
-        out = a32 + alpha * (b32 - c.to(compute))
-    return out.to(a.dtype)
+    return _Blocks().merge(a, b, alpha, method, c)
 
 
 def merge_checkpoints(a: str | Path, b: str | Path, alpha: float, out: str | Path, method: str = "weighted",
@@ -115,6 +144,7 @@ def merge_checkpoints(a: str | Path, b: str | Path, alpha: float, out: str | Pat
             "method": method, "alpha": alpha, "a": ca.path.name, "b": cb.path.name,
             "base": cc.path.name if cc is not None else None})}
         counts = {"merged": 0, "copied": 0, "partial": len(partial), "skipped": len(ca.keys()) - len(names)}
+        blocks = _Blocks()
         with SafetensorsWriter(out, [(k, ca.tensors[k].dtype, ca.tensors[k].shape) for k in names], meta) as writer:
             for k in names:
                 info = ca.tensors[k]
@@ -131,11 +161,14 @@ def merge_checkpoints(a: str | Path, b: str | Path, alpha: float, out: str | Pat
                     writer.write(k, merge_tensor(ca.get(k), cb.get(k), alpha, method, cc.get(k) if cc is not None else None))
                     continue
                 # The formulas are elementwise: large tensors go through in blocks of rows.
-                step = max(1, CHUNK_BYTES // max(1, info.nbytes // info.shape[0]))
+                row = max(1, info.nbytes // info.shape[0])
+                step = max(1, CHUNK_BYTES // row)
+                size = min(step, info.shape[0]) * row
                 for start in range(0, info.shape[0], step):
                     stop = min(start + step, info.shape[0])
-                    tc = cc.get_rows(k, start, stop) if cc is not None else None
-                    writer.write_rows(k, merge_tensor(ca.get_rows(k, start, stop), cb.get_rows(k, start, stop),
+                    tc = cc.get_rows(k, start, stop, blocks.raw("c", size)) if cc is not None else None
+                    writer.write_rows(k, blocks.merge(ca.get_rows(k, start, stop, blocks.raw("a", size)),
+                                                      cb.get_rows(k, start, stop, blocks.raw("b", size)),
                                                       alpha, method, tc))
         return {"out": str(out), "method": method, "alpha": alpha, "tensors": counts}
     finally:

@@ -181,24 +181,28 @@ class Checkpoint:
         info = self.tensors[name]
         return self.get_rows(name, 0, info.shape[0]) if info.shape else self._read(name, 0, info.nbytes, info.shape)
 
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of a tensor (along its first dimension), read on their own."""
+    def get_rows(self, name: str, start: int, stop: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (along its first dimension), read on their own; into the
+        front of ``into`` (a flat uint8 tensor large enough) when given, else into a new buffer."""
         info = self.tensors[name]
         if self._state is not None:
             return self._state[name][start:stop] if info.shape else self._state[name]
         row = math.prod(info.shape[1:]) * _itemsize(info.dtype)
-        return self._read(name, start * row, (stop - start) * row, (stop - start, *info.shape[1:]))
+        return self._read(name, start * row, (stop - start) * row, (stop - start, *info.shape[1:]), into)
 
-    def _read(self, name: str, offset: int, nbytes: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def _read(self, name: str, offset: int, nbytes: int, shape: tuple[int, ...],
+              into: torch.Tensor | None = None) -> torch.Tensor:
         info = self.tensors[name]
         if nbytes == 0:
             return torch.empty(shape, dtype=info.dtype)
         if self._file is None:
             self._file = open(self.path, "rb")
-        buffer = bytearray(nbytes)
+        buffer = bytearray(nbytes) if into is None else memoryview(into.numpy())[:nbytes]
         self._file.seek(self._data_start + info.offsets[0] + offset)
         if self._file.readinto(buffer) != nbytes:
             raise SourceError(f"{self.path}: truncated file (tensor {name!r} is cut short)")
+        if into is not None:
+            return into[:nbytes].view(info.dtype).reshape(shape)
         return torch.frombuffer(buffer, dtype=info.dtype).reshape(shape)
 
     def close(self) -> None:

@@ -154,18 +154,18 @@ def test_bad_merges_write_nothing(tmp_path, checkpoints, case, needle):
 
 
 def test_failure_midway_leaves_nothing(tmp_path, checkpoints, monkeypatch):
-    import sdexport.merge
+    from sdexport.single_file import SafetensorsWriter
 
     calls = {"n": 0}
-    real = sdexport.merge.merge_tensor
+    real = SafetensorsWriter._append
 
-    def failing(*args, **kwargs):
+    def failing(self, tensor):  # every tensor and block of rows is written through _append
         calls["n"] += 1
         if calls["n"] == 50:
             raise OSError("disk full")
-        return real(*args, **kwargs)
+        return real(self, tensor)
 
-    monkeypatch.setattr(sdexport.merge, "merge_tensor", failing)
+    monkeypatch.setattr(SafetensorsWriter, "_append", failing)
     with pytest.raises(OSError):
         merge_checkpoints(checkpoints["a"], checkpoints["b"], ALPHA, tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []

@@ -310,6 +310,20 @@ def test_unreadable_ir(capsys, export, tiny_sd1, tmp_path):
     assert_one_line_error(code, err, "vae_decoder/model.xml", "OpenVINO cannot read this model")
 
 
+def test_names_the_model_lacks(export, tiny_sd1, tmp_path):
+    from runtime.backends import BackendError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(export(tiny_sd1), copy)
+    manifest = json.loads((copy / "sdexport.json").read_text())
+    manifest["components"]["unet"]["inputs"][0]["name"] = "latents"
+    (copy / "sdexport.json").write_text(json.dumps(manifest))
+    # no Winograd plan here: the session compiles from the path and checks the compiled model's names
+    # (tests/test_openvino_winograd.py checks the read-and-rewrite path)
+    with pytest.raises(BackendError, match=r"unet/model\.xml: the model lacks latents that the manifest lists"):
+        _session(copy, cache_dir="")
+
+
 def test_device_the_machine_lacks(capsys, export, tiny_sd1, tmp_path):
     import openvino as ov
 

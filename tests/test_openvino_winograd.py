@@ -167,6 +167,22 @@ def test_runtime_applies_the_plan_on_cpu_f32_only(forced):
     assert np.abs(a - b).max() / np.abs(b).max() <= REL_ERROR[4] * 10  # 10: errors of ~19 layers add up
 
 
+def test_names_checked_on_the_rewritten_model(forced, tmp_path):
+    import shutil
+
+    from runtime.backends import BackendError, open_session
+    from runtime.manifest import Manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(forced("f4"), copy)
+    manifest = json.loads((copy / "sdexport.json").read_text())
+    manifest["components"]["unet"]["outputs"][0]["name"] = "noise"
+    (copy / "sdexport.json").write_text(json.dumps(manifest))
+    component = Manifest.load(copy, check_files=False).component("unet")
+    with pytest.raises(BackendError, match=r"the model lacks noise that the manifest lists"):
+        open_session(component, copy, {"cache_dir": ""})
+
+
 def test_bad_winograd_options(capsys, tiny_sd1, forced, tmp_path):
     code, err = run_cli(capsys, "export", tiny_sd1, "--target", "onnx", "--winograd", "f4", "--out", tmp_path / "o")
     assert_one_line_error(code, err, "--winograd applies to --target openvino")

@@ -118,12 +118,13 @@ def markdown(data: dict) -> str:
         markdown_table(["reader", "method", "baseline GB", "peak GB", "peak / checkpoint", "seconds", f"< {GOAL}x"], rows),
         "",
         "sdexport reads tensors with plain file reads (large ones in 16 MB blocks of rows: the formulas are",
-        "elementwise) and appends each merged block to the output, so the process holds a few blocks at a time.",
+        "elementwise) into buffers reused by every block, and appends each merged block to the output, so the",
+        "process holds a few blocks at a time.",
         "safetensors' safe_open memory-maps the inputs: every page read stays resident (and counts in RSS) until",
         "the file is closed, so its peak grows with both inputs (how much stays resident depends on the memory",
         "the machine has free); load_file holds both models and the result.",
         "add-difference reads A twice here (base = A): the memory pattern of three inputs.",
-        "Seconds are wall time on a shared machine (other jobs were running).",
+        "Seconds are wall time; the inputs were just written, so they are read from the page cache.",
     ])
 
 

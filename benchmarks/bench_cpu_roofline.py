@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine_info, markdown_table, prepare_model, write_results  # noqa: E402
+from benchmarks.common import RESULTS, machine_info, markdown_table, prepare_model, timeit, unet_feeds, write_results  # noqa: E402
 
 
 def count_flops(unet, feeds) -> dict[str, float]:
@@ -82,14 +82,8 @@ def torch_gflops(threads: int, repeats: int = 10) -> dict[str, float]:
 
 
 def _best(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """Seconds of the fastest of ``repeats`` calls after 3 warm-up calls: a peak, not a typical time."""
+    return timeit(fn, repeats, warmup=3)["min_ms"] / 1e3
 
 
 def main() -> None:
@@ -114,10 +108,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     src = prepare_model("sd15", args.work)
     unet = UNet2DConditionModel.from_pretrained(str(src), subfolder="unet").eval()
-    h = args.size // 8
-    rng = np.random.default_rng(0)
-    feeds = {"sample": rng.standard_normal((2, 4, h, h), np.float32), "timestep": np.full((2,), 500.0, np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, 768), np.float32)}
+    manifest = Manifest.load(artifact)
+    component = manifest.component("unet")
+    feeds = unet_feeds(manifest.model, args.size)
     tfeeds = [torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states")]
     flops = count_flops(unet, tfeeds)
     total = sum(flops.values())
@@ -138,7 +131,6 @@ def main() -> None:
             unet(*tfeeds)
             times["diffusers fp32 (PyTorch)"].append((time.perf_counter() - start) * 1e3)
     del unet
-    component = Manifest.load(artifact).component("unet")
     sessions = {
         "OpenVINO fp32, direct convolutions": open_session(component, artifact, {"threads": args.threads, "cache_dir": "",
                                                                                   "winograd": "off"}),

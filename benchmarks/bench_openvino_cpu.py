@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, prepare_model, timeit, write_results  # noqa: E402
+from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, prepare_model, timeit, unet_feeds, write_results  # noqa: E402
 from runtime.metrics import psnr  # noqa: E402
 
 PROMPT = "a photo of a red circle in the top left on a blue background"
@@ -128,16 +128,6 @@ def winograd_line(artifact: Path) -> str:
             f"{plan['of_eligible']} 3x3 convolutions rewritten ({split}); measured per layer at export: "
             f"{plan.get('measured_saving_ms', 0):.0f} ms less per call; "
             f"+{plan['extra_weight_bytes'] / 1e6:,.0f} MB of transformed weights in memory")
-
-
-def unet_feeds(info, size: int) -> dict[str, np.ndarray]:
-    h = size // info.vae_scale_factor
-    rng = np.random.default_rng(0)
-    return {
-        "sample": rng.standard_normal((2, info.unet_in_channels, h, h), np.float32),
-        "timestep": np.full((2,), 500.0, np.float32),
-        "encoder_hidden_states": rng.standard_normal((2, info.max_length, info.text_hidden_size), np.float32),
-    }
 
 
 def artifact_sizes(directory: Path) -> dict:

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, prepare_model, timeit, write_results  # noqa: E402
+from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, prepare_model, timeit, unet_feeds, write_results  # noqa: E402
 from runtime.metrics import psnr  # noqa: E402
 from sdexport.reference_schedulers import use_scheduler  # noqa: E402
 
@@ -53,24 +53,6 @@ def export_onnx(src: Path, cns: list[Path], out: Path) -> None:
 
     options = ExportOptions(target="onnx", controlnets=tuple(f"cn{i}={p}" for i, p in enumerate(cns)))
     export(src, out, options)
-
-
-def unet_feeds(info, size: int, with_control: bool) -> dict[str, np.ndarray]:
-    from sdexport.components import Shape, _residual_sizes, residual_names
-
-    h = size // info.vae_scale_factor
-    rng = np.random.default_rng(0)
-    feeds = {
-        "sample": rng.standard_normal((2, info.unet_in_channels, h, h), np.float32),
-        "timestep": np.full((2,), 500.0, np.float32),
-        "encoder_hidden_states": rng.standard_normal((2, info.max_length, info.text_hidden_size), np.float32),
-    }
-    if with_control:
-        sizes = _residual_sizes(Shape(1, size, size), info)
-        for name, (ch, s) in zip(residual_names(info), info.control_residuals):
-            hs = sizes["h"] if s == 1 else sizes[f"h_{s}"]
-            feeds[name] = rng.standard_normal((2, ch, hs, hs), np.float32)
-    return feeds
 
 
 def main() -> None:

@@ -6,8 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from sdexport.bench import timeit  # noqa: F401  (re-exported for the scripts)
+import numpy as np
+
 from sdexport.machine import machine_info  # noqa: F401  (re-exported for the scripts)
+from sdexport.timing import timeit  # noqa: F401  (re-exported for the scripts)
 from sdexport.tiny import save_sd15_random, save_tiny_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -20,6 +22,25 @@ def prepare_model(kind: str, work: Path) -> Path:
         print(f"building {kind} model in {src}", file=sys.stderr)
         save_sd15_random(src) if kind == "sd15" else save_tiny_pipeline(src, "sd1")
     return src
+
+
+def unet_feeds(info, size: int, with_control: bool = False) -> dict[str, np.ndarray]:
+    """One U-Net call's inputs at ``size`` pixels, batch 2 (CFG), seeded; with ControlNet residuals on request."""
+    h = size // info.vae_scale_factor
+    rng = np.random.default_rng(0)
+    feeds = {
+        "sample": rng.standard_normal((2, info.unet_in_channels, h, h), np.float32),
+        "timestep": np.full((2,), 500.0, np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, info.max_length, info.text_hidden_size), np.float32),
+    }
+    if with_control:
+        from sdexport.components import Shape, _residual_sizes, residual_names
+
+        sizes = _residual_sizes(Shape(1, size, size), info)
+        for name, (ch, s) in zip(residual_names(info), info.control_residuals):
+            hs = sizes["h"] if s == 1 else sizes[f"h_{s}"]
+            feeds[name] = rng.standard_normal((2, ch, hs, hs), np.float32)
+    return feeds
 
 
 def write_results(name: str, data: dict, markdown: str, out_dir: Path | None = None) -> Path:

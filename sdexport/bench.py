@@ -29,6 +29,7 @@ from sdexport.errors import SourceError
 from sdexport.machine import machine_info
 from sdexport.reference_schedulers import use_scheduler
 from sdexport.sources import DiffusersSource
+from sdexport.timing import timeit
 
 DEFAULT_PROMPTS = ("a red circle in the top left on a blue background", "a photo of a lighthouse at sunset, 8k")
 
@@ -58,21 +59,6 @@ def both_sides_threads(threads: int, backend_options: dict) -> dict | None:
         torch.set_num_threads(threads)
         options["threads"] = threads
     return options or None
-
-
-def timeit(fn, repeats: int, warmup: int = 1) -> dict:
-    """Median and spread of wall time in milliseconds over ``repeats`` calls, after warm-up calls."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
-    return {"median_ms": float(np.median(samples)), "min_ms": samples[0], "max_ms": samples[-1],
-            "iqr_ms": float(np.percentile(samples, 75) - np.percentile(samples, 25)),
-            "stdev_ms": float(np.std(samples, ddof=1)) if len(samples) > 1 else 0.0, "repeats": repeats}
 
 
 def check_reference(source: DiffusersSource, manifest: Manifest) -> None:

@@ -56,7 +56,7 @@ class _Blocks:
         return buffer
 
     def tensor(self, role: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        n = like.numel() * torch.empty((), dtype=dtype).element_size()
+        n = like.numel() * dtype.itemsize
         return self.raw(role, n)[:n].view(dtype).reshape(like.shape)
 
     def merge(self, a: torch.Tensor, b: torch.Tensor, alpha: float, method: str,

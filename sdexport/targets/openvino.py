@@ -68,6 +68,7 @@ from runtime.manifest import TensorSpec
 from sdexport.components import ComponentSpec
 from sdexport.errors import ExportError, OptionError
 from sdexport.targets.base import Converted, ExportOptions
+from sdexport.targets.winograd_tuning import MODES as WINOGRAD_MODES
 
 XML, BIN = "model.xml", "model.bin"
 FRONTENDS = ("torch", "onnx")
@@ -75,7 +76,6 @@ OV_DTYPES = {"float32": ov.Type.f32, "float16": ov.Type.f16, "int64": ov.Type.i6
 DTYPE_NAMES = {"f32": "float32", "f16": "float16", "i64": "int64", "i32": "int32"}
 
 INT4_GROUP = 64
-WINOGRAD_MODES = ("auto", "off", "f2", "f4")
 INT4_ROLES = ("unet", "controlnet")  # roles whose MatMul weights int4 applies to (see the module docstring)
 
 

@@ -18,7 +18,6 @@ beats the direct convolution by ``MIN_GAIN``. The plan and the timings go into t
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import numpy as np
@@ -26,23 +25,17 @@ import openvino as ov
 import openvino.opset13 as ops
 from tqdm.auto import tqdm
 
+from runtime.backends.openvino import core
 from runtime.backends.openvino_winograd import TILES, eligible_convs, fits, winograd_conv3x3
+from sdexport.timing import timeit
 
 MIN_GAIN = 1.05  # below this the difference is within run-to-run noise on a busy machine
 MODES = ("auto", "off", "f2", "f4")
 
 
 def _time_ms(model: ov.Model, x: np.ndarray, config: dict, repeats: int) -> float:
-    compiled = ov.Core().compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
-    for _ in range(2):
-        request.infer([x])
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        request.infer([x])
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    request = core().compile_model(model, "CPU", config).create_infer_request()
+    return timeit(lambda: request.infer([x]), repeats, warmup=2)["median_ms"]
 
 
 def _layer(shape: tuple[int, ...], tile: int | None) -> ov.Model:

@@ -115,7 +115,7 @@ def rewrite_artifact(src: Path, dst: Path, convert) -> None:
     import onnx
 
     from runtime.manifest import FileRef, Manifest
-    from sdexport.targets.onnx import save
+    from sdexport.export.targets.onnx import save
 
     manifest = Manifest.load(src)
     if dst.exists():
@@ -141,10 +141,10 @@ def rewrite_artifact(src: Path, dst: Path, convert) -> None:
 
 
 def stage_export(setup: Setup) -> dict:
-    from sdexport.export import export
-    from sdexport.targets.base import ExportOptions
-    from sdexport.targets.onnx import to_fp16
-    from sdexport.tiny import save_sd15_random, save_tiny_pipeline
+    from sdexport.export.run import export
+    from sdexport.export.targets.base import ExportOptions
+    from sdexport.export.targets.onnx import to_fp16
+    from sdexport.demo.tiny import save_sd15_random, save_tiny_pipeline
 
     work = setup.work
     src = work / setup.model
@@ -186,7 +186,7 @@ def _probe_feeds(name: str, setup: Setup) -> dict:
 
 
 def stage_optimize(setup: Setup, probe: bool) -> dict:
-    from sdexport.targets import onnx_gpu
+    from sdexport.export.targets import onnx_gpu
 
     work = setup.work
     onnx_gpu.check_numpy()

@@ -1,11 +1,11 @@
 """Peak memory of checkpoint merging on two SD 1.5-sized checkpoints.
 
 Writes two random checkpoints with the SD 1.5 single-file layout (the tensor names and shapes of
-``sdexport/configs/sd1`` in A1111 naming, 1,131 tensors, 4.27 GB in fp32 / 2.13 GB in fp16), then merges
+``sdexport/sources/configs/sd1`` in A1111 naming, 1,131 tensors, 4.27 GB in fp32 / 2.13 GB in fp16), then merges
 them in fresh child processes and reads each child's peak resident memory (``VmHWM``) and its resident
 memory after the imports, before merging (the baseline):
 
-- ``sdexport``: :func:`sdexport.merge.merge_checkpoints` (plain reads in blocks of rows, streamed writer);
+- ``sdexport``: :func:`sdexport.sources.merge.merge_checkpoints` (plain reads in blocks of rows, streamed writer);
 - ``safe_open``: the same loop reading through ``safetensors.safe_open`` (memory-mapped: the pages it
   touches stay resident while the file is open), to show why sdexport reads without a map;
 - ``load_file`` (only with ``--naive``): both models loaded whole, merged, saved with ``save_file``.
@@ -35,7 +35,7 @@ def sd15_plan(dtype: str = "fp32"):
     """Names, shapes, dtypes of an SD 1.5 single file (meta tensors), from the shipped config."""
     import torch
 
-    from sdexport.single_file import CONFIGS_DIR, original_plan, read_configs
+    from sdexport.sources.single_file import CONFIGS_DIR, original_plan, read_configs
 
     plan = original_plan(read_configs(CONFIGS_DIR / "sd1"))
     target = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
@@ -46,7 +46,7 @@ def write_random_checkpoint(path: Path, plan: dict, seed: int) -> Path:
     """Stream random tensors of the plan's shapes into a safetensors file (one tensor in memory at a time)."""
     import torch
 
-    from sdexport.single_file import SafetensorsWriter
+    from sdexport.sources.single_file import SafetensorsWriter
 
     gen = torch.Generator().manual_seed(seed)
     with SafetensorsWriter(path, [(k, d, s) for k, (d, s) in plan.items()], {"format": "pt"}) as writer:
@@ -66,8 +66,8 @@ def rss(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 import torch, safetensors.torch
-from sdexport.merge import merge_checkpoints, merge_tensor
-from sdexport.single_file import SafetensorsWriter
+from sdexport.sources.merge import merge_checkpoints, merge_tensor
+from sdexport.sources.single_file import SafetensorsWriter
 kind, a, b, out, alpha, method, base = sys.argv[1:8]
 base = None if base == "-" else base
 baseline = rss("VmRSS:")

@@ -81,8 +81,8 @@ def export_static(src: Path, out: Path, target: str, precision: str, size: int, 
     """Static export (size x size, one prompt per call); returns seconds, or None when cached."""
     if (out / "sdexport.json").exists():
         return None
-    from sdexport.export import export
-    from sdexport.targets.base import ExportOptions
+    from sdexport.export.run import export
+    from sdexport.export.targets.base import ExportOptions
 
     options = ExportOptions(target=target, precision=precision, height=size, width=size, batch=1,
                             profile={"calibration": calibration}, overwrite=True)
@@ -199,7 +199,7 @@ def main() -> None:
     import diffusers
 
     from runtime import Pipeline
-    from sdexport.reference_schedulers import use_scheduler
+    from sdexport.measure.reference_schedulers import use_scheduler
 
     results: dict = {"machine": machine_info(), "model": args.model, "size": size, "batch": 2, "steps": args.steps,
                      "scheduler": args.scheduler, "threads": args.threads, "calibration": calibration,

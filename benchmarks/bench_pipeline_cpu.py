@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, prepare_model, timeit, unet_feeds, write_results  # noqa: E402
 from runtime.metrics import psnr  # noqa: E402
-from sdexport.reference_schedulers import use_scheduler  # noqa: E402
+from sdexport.measure.reference_schedulers import use_scheduler  # noqa: E402
 
 PROMPT = "a photo of a red circle in the top left on a blue background"
 
@@ -48,8 +48,8 @@ def prepare_with_controlnets(kind: str, work: Path, controlnets: int) -> tuple[P
 def export_onnx(src: Path, cns: list[Path], out: Path) -> None:
     if (out / "sdexport.json").exists():
         return
-    from sdexport.export import export
-    from sdexport.targets.base import ExportOptions
+    from sdexport.export.run import export
+    from sdexport.export.targets.base import ExportOptions
 
     options = ExportOptions(target="onnx", controlnets=tuple(f"cn{i}={p}" for i, p in enumerate(cns)))
     export(src, out, options)

@@ -60,8 +60,8 @@ def export_setting(src: Path, out: Path, precision: str, quantize: dict, size: i
     """Static export (size x size, one prompt, batched CFG); seconds, or None when already there."""
     if (out / "sdexport.json").exists():
         return None
-    from sdexport.export import export
-    from sdexport.targets.base import ExportOptions
+    from sdexport.export.run import export
+    from sdexport.export.targets.base import ExportOptions
 
     options = ExportOptions(target="onnx", precision=precision, height=size, width=size, batch=1, overwrite=True,
                             profile={"calibration": calibration, "quantize": quantize})
@@ -204,7 +204,7 @@ def main() -> None:
     write_results(name, result, report(result), out_dir)
 
     # --- quality ---------------------------------------------------------------------------------
-    from sdexport.quality import QualityConfig, run_quality, write_report
+    from sdexport.measure.quality import QualityConfig, run_quality, write_report
 
     config = QualityConfig(prompts=PROMPTS, seeds=(1,), steps=args.steps, samples=4, calibration_steps=args.calibration_steps,
                            threads=args.threads)

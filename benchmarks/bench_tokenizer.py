@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, machine_info, markdown_table, write_results  # noqa: E402
 from runtime.tokenizer import CLIPTokenizer  # noqa: E402
-from sdexport.clip_vocab import write_clip_vocab  # noqa: E402
+from sdexport.sources.clip_vocab import write_clip_vocab  # noqa: E402
 from tests.prompt_corpus import generate  # noqa: E402
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sdexport.machine import machine_info  # noqa: F401  (re-exported for the scripts)
-from sdexport.timing import timeit  # noqa: F401  (re-exported for the scripts)
-from sdexport.tiny import save_sd15_random, save_tiny_pipeline
+from sdexport.measure.machine import machine_info  # noqa: F401  (re-exported for the scripts)
+from sdexport.measure.timing import timeit  # noqa: F401  (re-exported for the scripts)
+from sdexport.demo.tiny import save_sd15_random, save_tiny_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -34,7 +34,7 @@ def unet_feeds(info, size: int, with_control: bool = False) -> dict[str, np.ndar
         "encoder_hidden_states": rng.standard_normal((2, info.max_length, info.text_hidden_size), np.float32),
     }
     if with_control:
-        from sdexport.components import Shape, _residual_sizes, residual_names
+        from sdexport.export.components import Shape, _residual_sizes, residual_names
 
         sizes = _residual_sizes(Shape(1, size, size), info)
         for name, (ch, s) in zip(residual_names(info), info.control_residuals):

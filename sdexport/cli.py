@@ -53,7 +53,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def cmd_export(args) -> int:
     from sdexport import profile
-    from sdexport.export import export
+    from sdexport.export.run import export
 
     options = profile.resolve(
         args.profile,
@@ -135,7 +135,7 @@ def _coreml_flags(args, options):
 
 
 def cmd_bench(args) -> int:
-    from sdexport.bench import BenchConfig, run_bench, write_report
+    from sdexport.measure.bench import BenchConfig, run_bench, write_report
 
     config = BenchConfig(
         prompts=tuple(args.prompt) if args.prompt else BenchConfig.prompts,
@@ -154,7 +154,7 @@ def cmd_bench(args) -> int:
     result = run_bench(args.dir, args.reference, config, progress=not args.quiet)
     paths = write_report(result, Path(args.out))
     if not args.quiet:
-        from sdexport.bench import markdown
+        from sdexport.measure.bench import markdown
 
         print(markdown(result))
         print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
@@ -162,7 +162,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_quality(args) -> int:
-    from sdexport.quality import QualityConfig, load_prompt_file, markdown, run_quality, write_report
+    from sdexport.measure.quality import QualityConfig, load_prompt_file, markdown, run_quality, write_report
 
     prompts = tuple(args.prompt or ())
     if args.prompts:
@@ -197,7 +197,7 @@ def cmd_quality(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from sdexport.demo import run_demo
+    from sdexport.demo.run import run_demo
 
     if args.steps < 1:
         raise UsageError("--steps must be at least 1")
@@ -217,7 +217,7 @@ def cmd_profiles(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from sdexport.merge import merge_checkpoints
+    from sdexport.sources.merge import merge_checkpoints
 
     result = merge_checkpoints(args.a, args.b, args.alpha, args.out, method=args.method, base=args.base,
                                overwrite=args.overwrite)
@@ -230,11 +230,11 @@ def cmd_merge(args) -> int:
 
 
 def cmd_merge_lora(args) -> int:
-    from sdexport.lora import merge_loras
+    from sdexport.sources.lora import merge_loras
 
     model = None
     if args.model:
-        from sdexport.sources import open_source
+        from sdexport.sources.diffusers import open_source
 
         model = open_source(args.model, config=args.config)
     merge_loras(args.loras, args.out, layout=args.layout, model=model, overwrite=args.overwrite)

@@ -137,7 +137,7 @@ _DEVICE_ONLY = ("device", "providers", "compute_units", "cache_dir")
 def resolve(profile: str | None, *, target=None, precision=None, height=None, width=None, batch=None, cfg=None,
             **flags):
     """ExportOptions from a profile (if any) with command-line flags on top."""
-    from sdexport.targets.base import ExportOptions
+    from sdexport.export.targets.base import ExportOptions
 
     p = load(profile) if profile else Profile("custom", None, {})
     shapes = p.data.get("shapes", {})

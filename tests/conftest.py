@@ -22,7 +22,7 @@ def private_caches(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def clip_vocab_dir(tmp_path_factory) -> Path:
-    from sdexport.clip_vocab import write_clip_vocab
+    from sdexport.sources.clip_vocab import write_clip_vocab
 
     directory = tmp_path_factory.mktemp("clip-vocab")
     write_clip_vocab(directory)
@@ -37,7 +37,7 @@ def hf_clip_tokenizer(clip_vocab_dir):
 
 
 def _tiny(tmp_path_factory, kind: str) -> Path:
-    from sdexport.tiny import save_tiny_pipeline
+    from sdexport.demo.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp(f"tiny-{kind}") / "model", kind)
 

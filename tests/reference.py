@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-# Our short scheduler names -> diffusers classes, kept on the export side (sdexport.bench), apart from
+# Our short scheduler names -> diffusers classes, kept on the export side (sdexport.measure.bench), apart from
 # runtime.schedulers, so that a wrong mapping there shows up as a parity failure here.
-from sdexport.reference_schedulers import use_scheduler  # noqa: E402
+from sdexport.measure.reference_schedulers import use_scheduler  # noqa: E402
 
 
 def sample_image(size: int = 64, seed: int = 0) -> Image.Image:

@@ -58,7 +58,7 @@ def test_reference_of_another_model_is_refused(capsys, artifact, tiny_sd2v, tmp_
 
 
 def test_reference_with_other_weights_is_refused(capsys, artifact, tmp_path):
-    from sdexport.tiny import save_tiny_pipeline
+    from sdexport.demo.tiny import save_tiny_pipeline
 
     other = save_tiny_pipeline(tmp_path / "other", "sd1", seed=7)
     code, err = run_cli(capsys, "bench", artifact, "--reference", other, "--out", tmp_path / "b")

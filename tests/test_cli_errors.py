@@ -90,9 +90,9 @@ def test_static_size_not_multiple_of_8(capsys, tmp_path, tiny_sd1):
 
 
 def test_failed_validation_leaves_nothing(capsys, tmp_path, tiny_sd1, monkeypatch):
-    import sdexport.export
+    import sdexport.export.run
 
-    monkeypatch.setattr(sdexport.export, "gate", lambda *args: 1000.0)  # an impossible floor
+    monkeypatch.setattr(sdexport.export.run, "gate", lambda *args: 1000.0)  # an impossible floor
     code, err = run_cli(capsys, "export", tiny_sd1, "--out", tmp_path / "o", "--quiet")
     assert_one_line_error(code, err, "text_encoder", "differs from torch beyond tolerance")
     assert not (tmp_path / "o").exists() and no_partial_dirs(tmp_path)

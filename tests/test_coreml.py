@@ -22,8 +22,8 @@ import torch
 from runtime.backends import BackendError, open_session
 from runtime.manifest import Manifest
 from runtime.metrics import psnr
-from sdexport.attention import UnsupportedAttention, attention_implementation, split_einsum
-from sdexport.components import (
+from sdexport.export.attention import UnsupportedAttention, attention_implementation, split_einsum
+from sdexport.export.components import (
     Shape,
     controlnet_spec,
     model_info,
@@ -33,10 +33,10 @@ from sdexport.components import (
     vae_encoder_spec,
 )
 from sdexport.errors import ExportError, OptionError
-from sdexport.export import export
-from sdexport.sources import ControlNetSource, DiffusersSource
-from sdexport.targets.base import ExportOptions
-from sdexport.targets.coreml import (
+from sdexport.export.run import export
+from sdexport.sources.diffusers import ControlNetSource, DiffusersSource
+from sdexport.export.targets.base import ExportOptions
+from sdexport.export.targets.coreml import (
     COMPRESSION,
     PACKAGE,
     CoreMLTarget,
@@ -374,7 +374,7 @@ def test_component_without_compressible_weights(tmp_path, tiny_sd1):
     assert "vae_decoder: --compress linear8 is not supported for this component" in str(e.value)
     assert "\n" not in str(e.value)
     skipped = coreml_options("original", {"vae_decoder": "none", "default": "linear8"})
-    from sdexport.targets.coreml import CoreMLSettings
+    from sdexport.export.targets.coreml import CoreMLSettings
 
     assert CoreMLSettings.from_options(skipped).compression_for(spec) is None
 

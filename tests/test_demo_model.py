@@ -1,7 +1,7 @@
 """The bundled small trained model, end to end: its images show what their prompts ask for.
 
 Prompts are held-out captions (attribute combinations no training image had). The semantic check
-(:mod:`sdexport.semantic`) reads colour and shape off each image; the model must get both right for
+(:mod:`sdexport.demo.semantic`) reads colour and shape off each image; the model must get both right for
 >= 90% of prompts through diffusers (torch), the exported ONNX artifact and the exported OpenVINO
 artifact, and >= 85% through OpenVINO int8 weights and the calibrated ONNX int8-static export. The
 demo runs and writes its grid; its ONNX export is reused for the ONNX checks and the ControlNet check.
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdexport import semantic
-from sdexport import shapes_data as data
+from sdexport.demo import semantic
+from sdexport.demo import data
 
 N_PROMPTS = 40
 STEPS = 20
@@ -46,7 +46,7 @@ def prompts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
-    from sdexport.demo import build_bundled_model
+    from sdexport.demo.run import build_bundled_model
 
     return build_bundled_model(tmp_path_factory.mktemp("bundled"))
 
@@ -96,7 +96,7 @@ def test_held_out_captions_never_appear_in_training(prompts):
 
 
 def test_demo_prompts_are_held_out_captions():
-    from sdexport.demo import CONTROL_SCENE, PROMPTS
+    from sdexport.demo.run import CONTROL_SCENE, PROMPTS
 
     held = set(data.held_out_combinations())
     for prompt in PROMPTS[1:]:
@@ -116,7 +116,7 @@ def test_scenes_are_deterministic_for_a_seed():
 
 def test_bundled_model_is_a_standard_diffusers_folder_with_the_real_vocabulary(bundled):
     from runtime.tokenizer import CLIPTokenizer as RuntimeTokenizer
-    from sdexport.demo import ASSETS
+    from sdexport.demo.run import ASSETS
 
     index = json.loads((bundled.model / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
@@ -141,7 +141,7 @@ def test_torch_pipeline_draws_the_prompted_colour_and_shape(torch_images, prompt
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from sdexport.demo import run_demo
+    from sdexport.demo.run import run_demo
 
     out = tmp_path_factory.mktemp("demo") / "out"
     result = run_demo(out, target="onnx", progress=False, echo=print)
@@ -159,7 +159,7 @@ def test_demo_writes_the_grid_and_its_table(demo):
 
 
 def test_demo_refuses_to_replace_a_directory_it_did_not_write(tmp_path):
-    from sdexport.demo import run_demo
+    from sdexport.demo.run import run_demo
     from sdexport.errors import SdexportError
 
     (tmp_path / "keep.txt").write_text("mine")
@@ -201,10 +201,10 @@ def test_controlnet_draws_the_shape_of_the_edge_map(demo):
 def _openvino_export(bundled, tmp_path_factory, precision: str):
     if importlib.util.find_spec("openvino") is None:
         pytest.skip("openvino is not installed")
-    if importlib.util.find_spec("sdexport.targets.openvino") is None:
+    if importlib.util.find_spec("sdexport.export.targets.openvino") is None:
         pytest.skip("sdexport has no OpenVINO target in this checkout")
-    from sdexport.export import export
-    from sdexport.targets.base import ExportOptions
+    from sdexport.export.run import export
+    from sdexport.export.targets.base import ExportOptions
 
     out = tmp_path_factory.mktemp(f"ov-{precision}") / "out"
     export(bundled.model, out, ExportOptions(target="openvino", precision=precision), progress=False)

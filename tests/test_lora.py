@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from runtime.metrics import psnr
 from sdexport.errors import SourceError
-from sdexport.lora import LoraRef, merge_loras, read_lora, refit_set, write_refit_set
-from sdexport.sources import open_source
+from sdexport.sources.lora import LoraRef, merge_loras, read_lora, refit_set, write_refit_set
+from sdexport.sources.diffusers import open_source
 from tests.test_sources import MIN_PSNR, diffusers_txt2img, run_export, runtime_image, write_single_file
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
@@ -154,7 +154,7 @@ def test_peft_kohya_and_old_layouts_fuse_identically(loras, tiny_sd1):
 
 def test_kohya_with_ldm_block_names(tmp_path, loras, tiny_sd1):
     """Some trainers name U-Net modules after the original LDM blocks (lora_unet_input_blocks_1_1_proj_in)."""
-    from sdexport.single_file import unet_name_to_ldm
+    from sdexport.sources.single_file import unet_name_to_ldm
 
     unet_config = open_source(tiny_sd1).unet_config
     renamed = {}

@@ -12,16 +12,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdexport.errors import SdexportError
-from sdexport.merge import merge_checkpoints
-from sdexport.single_file import write_single_file
-from sdexport.sources import open_source
+from sdexport.sources.merge import merge_checkpoints
+from sdexport.sources.single_file import write_single_file
+from sdexport.sources.diffusers import open_source
 
 ALPHA = 0.3
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_sd1, tiny_sd2v, tiny_inpaint) -> dict[str, Path]:
-    from sdexport.tiny import save_tiny_pipeline
+    from sdexport.demo.tiny import save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("merge")
     other = save_tiny_pipeline(root / "other", "sd1", seed=5)
@@ -154,7 +154,7 @@ def test_bad_merges_write_nothing(tmp_path, checkpoints, case, needle):
 
 
 def test_failure_midway_leaves_nothing(tmp_path, checkpoints, monkeypatch):
-    from sdexport.single_file import SafetensorsWriter
+    from sdexport.sources.single_file import SafetensorsWriter
 
     calls = {"n": 0}
     real = SafetensorsWriter._append

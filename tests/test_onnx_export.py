@@ -100,7 +100,7 @@ def test_static_shapes(tmp_path, tiny_sd1, capsys):
 
 
 def test_external_data_past_the_protobuf_limit(tmp_path, tiny_sd1, monkeypatch, fp32_export):
-    import sdexport.targets.onnx as target
+    import sdexport.export.targets.onnx as target
 
     monkeypatch.setattr(target, "PROTOBUF_LIMIT", 1 << 20)  # pretend every model is over 2 GB
     out = _export(tmp_path, tiny_sd1)

@@ -19,8 +19,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from runtime.metrics import psnr  # noqa: E402
 from sdexport.errors import ExportError  # noqa: E402
-from sdexport.targets import onnx_gpu  # noqa: E402
-from sdexport.targets.onnx_gpu import GpuOptimization, optimize_for_gpu  # noqa: E402
+from sdexport.export.targets import onnx_gpu  # noqa: E402
+from sdexport.export.targets.onnx_gpu import GpuOptimization, optimize_for_gpu  # noqa: E402
 from tests.test_device_loop import tiny_onnx_export  # noqa: E402
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -216,8 +216,8 @@ def test_unknown_role_and_precision_are_refused(artifact, tmp_path):
 def test_fused_fp16_unet_matches_torch_on_cuda(optimized, tiny_sd1):
     import torch
 
-    from sdexport.components import model_info, unet_spec
-    from sdexport.sources import DiffusersSource
+    from sdexport.export.components import model_info, unet_spec
+    from sdexport.sources.diffusers import DiffusersSource
 
     source = DiffusersSource.open(tiny_sd1)
     module = unet_spec(source, model_info(source)).module()

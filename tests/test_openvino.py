@@ -345,16 +345,16 @@ def test_unsupported_precision(capsys, tiny_sd1, tmp_path):
 
 
 def test_prompt_set():
-    from sdexport.calibration import load_prompts
+    from sdexport.quantize.calibration import load_prompts
 
     prompts = load_prompts()
     assert len(prompts) >= 64 and len(set(prompts)) == len(prompts)
 
 
 def test_calibration_is_deterministic_cached_and_named(tiny_sd1, tmp_path):
-    from sdexport.calibration import CalibrationSettings, collect
-    from sdexport.components import Shape, model_info, unet_spec
-    from sdexport.sources import DiffusersSource
+    from sdexport.quantize.calibration import CalibrationSettings, collect
+    from sdexport.export.components import Shape, model_info, unet_spec
+    from sdexport.sources.diffusers import DiffusersSource
 
     settings = CalibrationSettings(samples=6, per_prompt=2, steps=6, scheduler="euler")
     names = ("text_encoder", "unet", "unet_control", "vae_encoder", "vae_decoder")
@@ -382,7 +382,7 @@ def test_calibration_is_deterministic_cached_and_named(tiny_sd1, tmp_path):
 
 
 def test_calibration_size_bound_and_rebatch(tiny_sd1):
-    from sdexport.calibration import CalibrationSettings, collect, rebatch
+    from sdexport.quantize.calibration import CalibrationSettings, collect, rebatch
     from sdexport.errors import ExportError
 
     one = 2 * 4 * 8 * 8 * 4 + 2 * 4 + 2 * 77 * 32 * 4  # bytes of one U-Net feed at 64x64

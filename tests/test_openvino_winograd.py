@@ -73,14 +73,14 @@ def test_what_the_rewrite_leaves_alone():
 
 
 def test_dynamic_models_get_no_plan():
-    from sdexport.targets.winograd_tuning import plan
+    from sdexport.export.targets.winograd_tuning import plan
 
     assert plan(_conv_model((1, 4, 4, 8, 8), dynamic=True)) is None
     assert plan(_conv_model((1, 4, 4, 8, 8)), "off") is None
 
 
 def test_auto_plan_is_measured():
-    from sdexport.targets.winograd_tuning import MIN_GAIN, plan
+    from sdexport.export.targets.winograd_tuning import MIN_GAIN, plan
 
     result = plan(_conv_model((2, 64, 64, 16, 16)), "auto", threads=1)
     (layer,) = result["layers"]

@@ -94,7 +94,7 @@ def test_component_the_model_lacks(capsys, tmp_path, tmp_path_factory, tiny_sd1)
     code, err = run_cli(capsys, "quality", artifact, "--reference", tiny_sd1, "--component", "unet_control",
                         "--out", tmp_path / "q")
     assert_one_line_error(code, err, "no 'unet_control' component")
-    from sdexport.calibration import collect
+    from sdexport.quantize.calibration import collect
     from sdexport.errors import OptionError
 
     with pytest.raises(OptionError, match="cannot record controlnet"):

@@ -63,7 +63,7 @@ def fp32(tmp_path_factory, tiny_sd1):
     return exported(tmp_path_factory, tiny_sd1, *STATIC)
 
 
-# precision -> component precisions it gives (the VAE stays float: see sdexport.quantize.ROLE_PLANS)
+# precision -> component precisions it gives (the VAE stays float: see sdexport.quantize.onnx.ROLE_PLANS)
 EXPECTED = {
     "int8": dict.fromkeys(("text_encoder", "unet", "vae_encoder", "vae_decoder"), "int8"),
     "int8-static": {"text_encoder": "int8", "unet": "int8-static", "vae_encoder": "int8", "vae_decoder": "int8"},
@@ -179,7 +179,7 @@ def test_bad_quantize_flags(capsys, tmp_path, tiny_sd1):
 
 
 def test_calibration_is_reproducible_bit_for_bit(tiny_sd1):
-    from sdexport.calibration import CalibrationSettings, collect
+    from sdexport.quantize.calibration import CalibrationSettings, collect
 
     names = ("text_encoder", "unet", "vae_decoder")
     settings = CalibrationSettings(samples=4, per_prompt=2, steps=4, seed=5)
@@ -195,7 +195,7 @@ def test_calibration_is_reproducible_bit_for_bit(tiny_sd1):
 
 
 def test_block_names_and_kept_weights():
-    from sdexport.quantize import block_of, store_kept_weights_fp16
+    from sdexport.quantize.onnx import block_of, store_kept_weights_fp16
 
     assert block_of("/unet/down_blocks.1/attentions.0/transformer_blocks.0/attn1/to_q/MatMul") == "down_blocks.1"
     assert block_of("/unet/conv_in/Conv") == "conv_in"

@@ -2,7 +2,7 @@
 diffusers' own from_single_file), the same ONNX initializers as the folder's export, SD 2.x v-prediction with
 a 1024-wide OpenCLIP text encoder against diffusers, and bad files failing with one clear message.
 
-The checkpoints are written here from the tiny pipelines with ``sdexport.single_file.write_single_file``
+The checkpoints are written here from the tiny pipelines with ``sdexport.sources.single_file.write_single_file``
 (original A1111/CompVis names, or diffusers names with component prefixes; ``.safetensors`` and ``.ckpt``).
 """
 
@@ -22,7 +22,7 @@ import torch
 
 from runtime.metrics import psnr
 from sdexport.errors import SourceError
-from sdexport.single_file import (
+from sdexport.sources.single_file import (
     CONFIGS_DIR,
     Checkpoint,
     SingleFileSource,
@@ -31,7 +31,7 @@ from sdexport.single_file import (
     read_configs,
     write_single_file,
 )
-from sdexport.sources import DiffusersSource, open_source
+from sdexport.sources.diffusers import DiffusersSource, open_source
 
 PARTS = ("unet", "vae", "text_encoder")
 MIN_PSNR = 45.0
@@ -41,11 +41,11 @@ MIN_PSNR = 45.0
 
 
 def run_export(source_path, out, *, loras=(), config=None, prediction_type=None, validate=True):
-    """``sdexport.export.export`` on any source. Once ExportOptions carries loras / source_config /
+    """``sdexport.export.run.export`` on any source. Once ExportOptions carries loras / source_config /
     prediction_type (the proposed export.py change), through them; until then by handing export() the
     source that ``open_source`` makes."""
-    import sdexport.export as ex
-    from sdexport.targets.base import ExportOptions
+    import sdexport.export.run as ex
+    from sdexport.export.targets.base import ExportOptions
 
     specs = tuple(f"{path}:{scale}" for path, scale in loras)
     fields = {f.name for f in dataclasses.fields(ExportOptions)}
@@ -190,7 +190,7 @@ def test_detects_full_size_families(family, hint, expected, prediction, size):
 
 def test_shipped_tokenizer_passes_the_exports_parity_check(tmp_path):
     """The vocabulary rebuilt for single files gives transformers' ids (the export's own tokenizer check)."""
-    from sdexport.export import write_tokenizer
+    from sdexport.export.run import write_tokenizer
 
     source = SingleFileSource.from_checkpoint(_virtual("sd2-v"))
     assert write_tokenizer(source, tmp_path / "tokenizer")["identical"] is True
@@ -198,7 +198,7 @@ def test_shipped_tokenizer_passes_the_exports_parity_check(tmp_path):
 
 
 def test_shipped_configs_are_the_real_architectures():
-    from sdexport.single_file import empty_model
+    from sdexport.sources.single_file import empty_model
 
     counts = {family: {part: sum(p.numel() for p in empty_model(part, cfg).parameters())
                        for part, cfg in read_configs(CONFIGS_DIR / family).items() if part != "scheduler"}
@@ -237,7 +237,7 @@ def test_few_step_sampler_and_defaults(files, tiny_sd1, kind, cls, steps, guidan
     import diffusers
 
     from runtime.schedulers import scheduler_from_config
-    from sdexport.sources import recommended_settings
+    from sdexport.sources.diffusers import recommended_settings
 
     file, folder = files["sd1-ldm.safetensors"]
     for source in (open_source(tiny_sd1, few_step=kind), open_source(file, config=folder, few_step=kind)):
@@ -394,7 +394,7 @@ def test_single_file_exports_same_initializers_as_folder(tmp_path, files, tiny_s
 @pytest.fixture(scope="module")
 def tiny_sd2v_1024(tmp_path_factory) -> Path:
     """SD 2.x v-prediction at toy width with the real text width: a 1024-wide (gelu, OpenCLIP-style) text encoder."""
-    from sdexport.tiny import TINY_SPECS, save_tiny_pipeline
+    from sdexport.demo.tiny import TINY_SPECS, save_tiny_pipeline
 
     spec = dataclasses.replace(TINY_SPECS["sd2-v"], name="sd2-v-1024", text_hidden=1024)
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd2v-1024") / "model", spec)

@@ -30,8 +30,8 @@ from runtime.manifest import Component, FileRef, Manifest, TensorSpec
 from sdexport import profile
 from sdexport.cli import main
 from sdexport.errors import OptionError
-from sdexport.targets import get_target
-from sdexport.targets.tensorrt import (
+from sdexport.export.targets import get_target
+from sdexport.export.targets.tensorrt import (
     EngineSettings,
     TensorRTTarget,
     attach_engine_names,
@@ -62,8 +62,8 @@ NO_TRT = _real_tensorrt()
 
 @pytest.fixture(scope="module")
 def tiny(tiny_sd1):
-    from sdexport.components import model_info
-    from sdexport.sources import DiffusersSource
+    from sdexport.export.components import model_info
+    from sdexport.sources.diffusers import DiffusersSource
 
     source = DiffusersSource.open(tiny_sd1)
     return source, model_info(source)
@@ -88,7 +88,7 @@ def test_target_loads_without_tensorrt():
 
 
 def test_static_profile_like_jetson(tiny):
-    from sdexport.components import unet_spec, vae_decoder_spec
+    from sdexport.export.components import unet_spec, vae_decoder_spec
 
     source, info = tiny
     options = _options("jetson-orin", height=512, width=512)  # static, batch 1, sequential CFG
@@ -101,7 +101,7 @@ def test_static_profile_like_jetson(tiny):
 
 
 def test_dynamic_profile_from_builder_batch_and_size(tiny):
-    from sdexport.components import controlnet_spec, text_encoder_spec, unet_spec
+    from sdexport.export.components import controlnet_spec, text_encoder_spec, unet_spec
 
     source, info = tiny
     options = _with_table(_options("nvidia-gpu", target="tensorrt"), builder_batch=[1, 1, 4], builder_size=[256, 512, 768])
@@ -142,7 +142,7 @@ def test_settings_from_profile_table(tmp_path, monkeypatch):
 
 
 def test_jetson_dry_run_plans_engines(tmp_path, tiny_sd1, tiny):
-    from sdexport.components import unet_spec
+    from sdexport.export.components import unet_spec
 
     out = tmp_path / "plan"
     assert main(["export", str(tiny_sd1), "--profile", "jetson-orin", "--height", "64", "--width", "64",
@@ -169,7 +169,7 @@ def test_export_without_tensorrt_is_one_line(capsys, tmp_path, tiny_sd1):
 
 
 def test_int8_needs_a_qdq_export(tiny):
-    from sdexport.targets.tensorrt import _qdq_path
+    from sdexport.export.targets.tensorrt import _qdq_path
 
     with pytest.raises(OptionError, match="int8-static"):
         _qdq_path(EngineSettings(), "unet")
@@ -189,7 +189,7 @@ def artifact(tmp_path_factory, tiny_sd1):
 def unet_map(tiny, artifact):
     import onnx
 
-    from sdexport.components import unet_spec
+    from sdexport.export.components import unet_spec
 
     source, info = tiny
     module = unet_spec(source, info).module()
@@ -221,7 +221,7 @@ def test_weight_map_finds_every_unet_parameter(unet_map):
 def test_weight_map_follows_fp16_conversion(tiny, artifact, unet_map):
     import onnx
 
-    from sdexport.targets.onnx import to_fp16
+    from sdexport.export.targets.onnx import to_fp16
 
     module, model, _ = unet_map
     half = to_fp16(onnx.load(str(artifact / "unet" / "model.onnx")), (), Path("."))
@@ -590,7 +590,7 @@ def fakes(monkeypatch):
 
 
 def _build_unet(tiny, tmp_path, **table):
-    from sdexport.components import unet_spec
+    from sdexport.export.components import unet_spec
 
     source, info = tiny
     options = _with_table(_options("jetson-orin", height=64, width=64), timing_cache=str(tmp_path / "timing.cache"), **table)
@@ -704,7 +704,7 @@ def test_real_engine_matches_torch(tiny, tmp_path):
     import torch
 
     from runtime.metrics import psnr
-    from sdexport.components import unet_spec
+    from sdexport.export.components import unet_spec
 
     root, component, _ = _build_unet(tiny, tmp_path)
     session = trt_backend.TensorRTSession(component, root, SessionOptions())

@@ -20,7 +20,7 @@ The result differs from the direct convolution by rounding only (relative 2e-6 f
 F(4) on SD 1.5 layers), which is why it is applied for f32 inference only: under bf16 the
 transforms' large coefficients cost accuracy (U-Net output 43.8 dB instead of 49.5 dB against f32)
 and it is slower. Which layers get which tile is measured per layer shape when the model is
-exported (see ``sdexport.targets.winograd_tuning``) and stored in the manifest; this module only
+exported (see ``sdexport.export.targets.winograd_tuning``) and stored in the manifest; this module only
 applies such a plan.
 """
 

@@ -176,7 +176,7 @@ def _pattern_value(patterns: Mapping[str, object], name: str):
 
 def read_lora(path: str | Path) -> LoraFile:
     """Read a LoRA file (.safetensors, or a .ckpt/.pt/.bin state dict) into :class:`LoraModule` entries."""
-    from sdexport.single_file import Checkpoint
+    from sdexport.sources.single_file import Checkpoint
 
     path = Path(path)
     checkpoint = Checkpoint.open(path)
@@ -293,7 +293,7 @@ class ModelLayers:
     @classmethod
     def from_modules(cls, modules: Mapping[str, torch.nn.Module], unet_config: Mapping | None = None,
                      description: str = "this model") -> "ModelLayers":
-        from sdexport.single_file import unet_name_to_ldm
+        from sdexport.sources.single_file import unet_name_to_ldm
 
         shapes: dict[str, dict[str, tuple[int, ...]]] = {}
         flat: dict[str, dict[str, str]] = {}
@@ -317,7 +317,7 @@ class ModelLayers:
     @classmethod
     def of(cls, source) -> "ModelLayers":
         """From a source's configs, on the meta device (no weights are read)."""
-        from sdexport.single_file import empty_model
+        from sdexport.sources.single_file import empty_model
 
         modules = {"unet": empty_model("unet", source.unet_config),
                    "text_encoder": empty_model("text_encoder", source.text_encoder_config)}
@@ -327,7 +327,7 @@ class ModelLayers:
     @functools.cache
     def known(cls) -> "ModelLayers":
         """Every layer name of the SD 1.x and SD 2.x architectures (configs shipped with sdexport)."""
-        from sdexport.single_file import CONFIGS_DIR, empty_model, read_configs
+        from sdexport.sources.single_file import CONFIGS_DIR, empty_model, read_configs
 
         merged = cls({c: {} for c in COMPONENTS}, {c: {} for c in COMPONENTS}, "SD 1.x / 2.x")
         for family in ("sd1", "sd2-v"):
@@ -467,7 +467,7 @@ def load_loras(refs: Iterable, layers: ModelLayers) -> tuple[list[LoraFile], lis
 def refit_set(source) -> dict[str, torch.Tensor]:
     """``{"<component>.<parameter name>": fused tensor}`` for every parameter the source's LoRAs change.
 
-    ``source`` is what :func:`sdexport.sources.open_source` returns with ``loras``; names are diffusers
+    ``source`` is what :func:`sdexport.sources.diffusers.open_source` returns with ``loras``; names are diffusers
     parameter names (the U-Net's as in ``UNet2DConditionModel.state_dict()``) behind the component name.
     """
     out: dict[str, torch.Tensor] = {}
@@ -487,7 +487,7 @@ def refit_set(source) -> dict[str, torch.Tensor]:
 
 def write_refit_set(source, out: str | Path) -> Path:
     """Write :func:`refit_set` as a safetensors file (written beside and renamed: never half-written)."""
-    from sdexport.single_file import save_safetensors
+    from sdexport.sources.single_file import save_safetensors
 
     tensors = refit_set(source)
     if not tensors:
@@ -518,7 +518,7 @@ def merge_loras(inputs: Sequence, out: str | Path, layout: str = "diffusers", mo
     metadata is needed) or ``"kohya"`` (``lora_unet_*``/``lora_te_*`` with ``.alpha`` = rank). Kohya names are
     resolved against ``model`` (a model source) or, by default, the SD 1.x/2.x architectures.
     """
-    from sdexport.single_file import save_safetensors
+    from sdexport.sources.single_file import save_safetensors
 
     if layout not in ("diffusers", "kohya"):
         raise OptionError(f"layout {layout!r}: use diffusers or kohya")

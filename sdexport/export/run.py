@@ -18,8 +18,8 @@ from tqdm import tqdm
 from runtime.manifest import Component, FileRef, Manifest, ModelInfo
 from runtime.tokenizer import CLIPTokenizer, TokenizerError
 from sdexport import __version__
-from sdexport.artifacts import check_output_dir, staged_directory
-from sdexport.components import (
+from sdexport.export.artifacts import check_output_dir, staged_directory
+from sdexport.export.components import (
     ComponentSpec,
     controlnet_spec,
     model_info,
@@ -29,10 +29,10 @@ from sdexport.components import (
     vae_encoder_spec,
 )
 from sdexport.errors import ExportError, OptionError, SourceError
-from sdexport.sources import ControlNetSource, DiffusersSource, open_source, recommended_settings
-from sdexport.targets import get_target
-from sdexport.targets.base import ExportOptions
-from sdexport.validate import gate, measure, passes, validation_shape
+from sdexport.sources.diffusers import ControlNetSource, DiffusersSource, open_source, recommended_settings
+from sdexport.export.targets import get_target
+from sdexport.export.targets.base import ExportOptions
+from sdexport.export.validate import gate, measure, passes, validation_shape
 
 LIBRARIES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf",
              "coremltools", "tensorrt", "numpy")
@@ -236,7 +236,7 @@ def _validation_backend(component: Component, options: ExportOptions) -> tuple[d
     CUDA-only ops (``--optimize gpu``) is checked on the CUDA provider where there is one."""
     if component.details.get("requires") != "CUDAExecutionProvider":
         return options.backend_options, None
-    from sdexport.targets.onnx_gpu import validation_providers
+    from sdexport.export.targets.onnx_gpu import validation_providers
 
     providers, reason = validation_providers(component.details)
     return {**options.backend_options, "providers": providers}, reason

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from sdexport.errors import ExportError, OptionError
-from sdexport.reference_schedulers import DIFFUSERS_SCHEDULERS, use_scheduler
+from sdexport.measure.reference_schedulers import DIFFUSERS_SCHEDULERS, use_scheduler
 
 __all__ = [
     "CalibrationSettings",
@@ -46,7 +46,7 @@ __all__ = [
     "PROMPTS_FILE",
 ]
 
-PROMPTS_FILE = Path(__file__).resolve().parent / "prompts" / "calibration.txt"
+PROMPTS_FILE = Path(__file__).resolve().parents[1] / "prompts" / "calibration.txt"
 CACHE_VERSION = 1
 COMPONENTS = ("text_encoder", "unet", "unet_control", "vae_encoder", "vae_decoder")
 NEGATIVE_PROMPTS = ("", "blurry, low quality, watermark", "", "ugly, deformed, jpeg artifacts")
@@ -324,9 +324,9 @@ def _record(source_path: Path, components: Sequence[str], height: int, width: in
             unet, controlnet, progress: bool) -> CalibrationData:
     import torch
 
-    from sdexport.components import residual_names
-    from sdexport.components import model_info as _model_info
-    from sdexport.sources import DiffusersSource
+    from sdexport.export.components import residual_names
+    from sdexport.export.components import model_info as _model_info
+    from sdexport.sources.diffusers import DiffusersSource
 
     source = DiffusersSource.open(source_path)
     info = _model_info(source)

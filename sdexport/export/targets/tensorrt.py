@@ -36,9 +36,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from runtime.manifest import TensorSpec
-from sdexport.components import ComponentSpec, Shape
+from sdexport.export.components import ComponentSpec, Shape
 from sdexport.errors import ExportError, OptionError
-from sdexport.targets.base import Converted, ExportOptions
+from sdexport.export.targets.base import Converted, ExportOptions
 
 __all__ = [
     "EngineSettings",
@@ -164,7 +164,7 @@ def profile_shapes(spec: ComponentSpec, options: ExportOptions, settings: Engine
 
 
 def component_prefix(component: str) -> str:
-    """The refit-set prefix of a component's parameters (sdexport.lora.refit_set writes
+    """The refit-set prefix of a component's parameters (sdexport.sources.lora.refit_set writes
     ``unet.<name>`` and ``text_encoder.<name>``)."""
     if component in ("unet", "unet_control"):
         return "unet"
@@ -438,7 +438,7 @@ class TensorRTTarget:
                 inputs, outputs = _graph_io(model, spec)
                 return qdq, inputs, outputs, {"onnx": "int8-static Q/DQ", "path": str(qdq)}, "int8"
             precision = "fp16"  # components the Q/DQ export left in float
-        from sdexport.targets.onnx import OnnxTarget
+        from sdexport.export.targets.onnx import OnnxTarget
 
         converted = OnnxTarget().convert(spec, module, scratch / "onnx", options, precision)
         source = {"onnx": f"sdexport onnx {precision}", **{k: v for k, v in converted.details.items() if k == "kept_fp32"}}
@@ -447,7 +447,7 @@ class TensorRTTarget:
 
 def _onnx_files(onnx_path: Path) -> list[Path]:
     """The ONNX file and its external data file, as sdexport's ONNX target writes them."""
-    from sdexport.targets.onnx import EXTERNAL_DATA
+    from sdexport.export.targets.onnx import EXTERNAL_DATA
 
     data = onnx_path.parent / EXTERNAL_DATA
     return [onnx_path] + ([data] if data.is_file() else [])

@@ -24,7 +24,7 @@ bytes per element type, file sizes, calibration):
   measures, per 3x3 convolution shape, whether Winograd F(2)/F(4) beats the CPU plugin's direct
   convolution at f32 and records the plan (``details["winograd"]``); the runtime applies it when it
   compiles for the CPU at f32 (``winograd`` = auto | off | f2 | f4 in the profile's ``openvino`` table or
-  ``--winograd``; see :mod:`sdexport.targets.winograd_tuning`). The IR on disk is unchanged by it.
+  ``--winograd``; see :mod:`sdexport.export.targets.winograd_tuning`). The IR on disk is unchanged by it.
 - ``fp16``: weights stored in fp16, decompressed at load; compute precision is the runtime's hint.
 - ``int8``: NNCF weight-only compression, int8 asymmetric per output channel, of every MatMul,
   Convolution and embedding; activations stay floating point.
@@ -40,7 +40,7 @@ bytes per element type, file sizes, calibration):
 
 - ``hybrid``: the U-Net (plain and control) gets int8 weight-only compression of MatMul/embedding
   weights and full int8 quantization (weights and activations) of the rest, the convolutions, with
-  activation ranges from real pipeline runs (:mod:`sdexport.calibration`), as optimum-intel's
+  activation ranges from real pipeline runs (:mod:`sdexport.quantize.calibration`), as optimum-intel's
   hybrid mode does; the other components get int8 weights.
 - ``int8-static``: the U-Net fully quantized, int8 weights and int8 activations in front of the
   convolutions and the MatMuls too (NNCF's transformer preset: SmoothQuant off, as for hybrid), from
@@ -65,10 +65,10 @@ import openvino as ov
 import torch
 
 from runtime.manifest import TensorSpec
-from sdexport.components import ComponentSpec
+from sdexport.export.components import ComponentSpec
 from sdexport.errors import ExportError, OptionError
-from sdexport.targets.base import Converted, ExportOptions
-from sdexport.targets.winograd_tuning import MODES as WINOGRAD_MODES
+from sdexport.export.targets.base import Converted, ExportOptions
+from sdexport.export.targets.winograd_tuning import MODES as WINOGRAD_MODES
 
 XML, BIN = "model.xml", "model.bin"
 FRONTENDS = ("torch", "onnx")
@@ -85,7 +85,7 @@ class OpenVinoSettings:
 
     frontend: str = "torch"
     int4_group_size: int = INT4_GROUP
-    winograd: str = "auto"  # fp32 exports: Winograd plan for the CPU (see sdexport.targets.winograd_tuning)
+    winograd: str = "auto"  # fp32 exports: Winograd plan for the CPU (see sdexport.export.targets.winograd_tuning)
 
     @classmethod
     def from_options(cls, options: ExportOptions) -> "OpenVinoSettings":
@@ -128,7 +128,7 @@ def convert_from_torch(spec: ComponentSpec, module: torch.nn.Module, example: tu
 def convert_from_onnx(spec: ComponentSpec, module: torch.nn.Module, example: tuple, scratch: Path) -> ov.Model:
     import onnx
 
-    from sdexport.targets.onnx import clean_graph, export_torch, save
+    from sdexport.export.targets.onnx import clean_graph, export_torch, save
 
     raw = scratch / "raw.onnx"
     export_torch(spec, module, example, raw)
@@ -321,7 +321,7 @@ class OpenVinoTarget:
         details: dict[str, Any] = {}
         calibration = None
         if precision in CALIBRATED and spec.role == "unet":
-            from sdexport.quantize import calibration_feeds
+            from sdexport.quantize.onnx import calibration_feeds
 
             # before conversion: the calibration runs use this same torch U-Net (LoRAs fused, say);
             # settings from the profile's [quantize] table / --calibration-prompts / --calibration-steps
@@ -345,7 +345,7 @@ class OpenVinoTarget:
             model, effective, weights = self._compress(spec, model, precision, settings, calibration)
             details["weights"] = weights
             if effective == "fp32":
-                from sdexport.targets.winograd_tuning import plan as winograd_plan
+                from sdexport.export.targets.winograd_tuning import plan as winograd_plan
 
                 threads = int(options.backend_options.get("threads") or 0)
                 winograd = winograd_plan(model, settings.winograd, threads=threads, label=spec.name)

@@ -7,10 +7,10 @@ import importlib
 from sdexport.errors import OptionError
 
 TARGETS = {
-    "onnx": ("sdexport.targets.onnx", "OnnxTarget"),
-    "openvino": ("sdexport.targets.openvino", "OpenVinoTarget"),
-    "coreml": ("sdexport.targets.coreml", "CoreMLTarget"),
-    "tensorrt": ("sdexport.targets.tensorrt", "TensorRTTarget"),
+    "onnx": ("sdexport.export.targets.onnx", "OnnxTarget"),
+    "openvino": ("sdexport.export.targets.openvino", "OpenVinoTarget"),
+    "coreml": ("sdexport.export.targets.coreml", "CoreMLTarget"),
+    "tensorrt": ("sdexport.export.targets.tensorrt", "TensorRTTarget"),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from sdexport.clip_vocab import write_clip_vocab
+from sdexport.sources.clip_vocab import write_clip_vocab
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Does an image show what its caption asks for? A geometric measurement, no trained classifier.
 
-For the single-shape scenes of :mod:`sdexport.shapes_data`:
+For the single-shape scenes of :mod:`sdexport.demo.data`:
 
 1. background colour: the per-channel median of the image border (a shape covers well under half of it);
 2. foreground: pixels far from that colour (more than half the way to the most distant ones), the
@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from sdexport.shapes_data import COLORS, POSITIONS, SHAPES, SIZES, render_mask
+from sdexport.demo.data import COLORS, POSITIONS, SHAPES, SIZES, render_mask
 
 __all__ = ["Analysis", "analyse", "parse_caption", "score", "accuracy", "ATTRIBUTES"]
 

@@ -5,7 +5,7 @@ optimizer inserts (ANCHORS.md, H100: 22.6 ms per U-Net call plain, 9.6 ms fused)
 (flash / memory-efficient kernels), GroupNorm and SkipGroupNorm in NHWC, NHWC convolutions, BiasSplitGelu,
 SkipLayerNorm. The fusions match fp32 patterns, so the order is fixed:
 
-1. the cleaned fp32 export (``sdexport.targets.onnx``) is fused, with ``opt_level=0`` (Python fusions
+1. the cleaned fp32 export (``sdexport.export.targets.onnx``) is fused, with ``opt_level=0`` (Python fusions
    only; ONNX Runtime applies its own graph optimisations when the session opens);
 2. BiasSplitGelu is fused once more for graphs whose slice bounds were constant-folded (our exporter's
    clean-up folds the Shape/Gather/Div chain that onnxruntime's pattern looks for);

@@ -34,7 +34,7 @@ INPAINT_CONV_IN = ("model.diffusion_model.input_blocks.0.0.weight", "unet.conv_i
 
 
 def _check_is_model(checkpoint) -> None:
-    from sdexport.single_file import detect
+    from sdexport.sources.single_file import detect
 
     detect(checkpoint.tensors, checkpoint.path)  # a LoRA, an SDXL file, a VAE ... -> SourceError
 
@@ -89,7 +89,7 @@ def merge_checkpoints(a: str | Path, b: str | Path, alpha: float, out: str | Pat
     Returns a summary (counts of merged / copied / partially merged tensors). Nothing is written
     unless the whole merge succeeds (the output is written beside its name and renamed at the end).
     """
-    from sdexport.single_file import Checkpoint, SafetensorsWriter
+    from sdexport.sources.single_file import Checkpoint, SafetensorsWriter
 
     if method not in METHODS:
         raise OptionError(f"merge method {method!r}: use {' or '.join(METHODS)}")

@@ -24,12 +24,12 @@ from runtime.files import write_file_atomic
 from runtime.manifest import Manifest
 from runtime.metrics import finite, max_abs_error, psnr, ssim
 from runtime.pipeline import Pipeline
-from sdexport.components import model_info
+from sdexport.export.components import model_info
 from sdexport.errors import SourceError
-from sdexport.machine import machine_info
-from sdexport.reference_schedulers import use_scheduler
-from sdexport.sources import DiffusersSource
-from sdexport.timing import timeit
+from sdexport.measure.machine import machine_info
+from sdexport.measure.reference_schedulers import use_scheduler
+from sdexport.sources.diffusers import DiffusersSource
+from sdexport.measure.timing import timeit
 
 DEFAULT_PROMPTS = ("a red circle in the top left on a blue background", "a photo of a lighthouse at sunset, 8k")
 
@@ -96,7 +96,7 @@ def _inpaint_inputs(height: int, width: int):
 _COLD_RUNTIME = """
 import sys, time
 start = float(sys.argv[1])
-from sdexport.machine import peak_rss_kb
+from sdexport.measure.machine import peak_rss_kb
 from runtime.pipeline import Pipeline
 pipe = Pipeline.from_dir(sys.argv[2])
 pipe.generate(sys.argv[3], steps=int(sys.argv[4]), height=int(sys.argv[5]), width=int(sys.argv[6]), scheduler=sys.argv[7])
@@ -106,10 +106,10 @@ print(time.time() - start, peak_rss_kb())
 _COLD_DIFFUSERS = """
 import sys, time
 start = float(sys.argv[1])
-from sdexport.machine import peak_rss_kb
+from sdexport.measure.machine import peak_rss_kb
 import torch
-from sdexport.bench import _reference_pipeline
-from sdexport.sources import DiffusersSource
+from sdexport.measure.bench import _reference_pipeline
+from sdexport.sources.diffusers import DiffusersSource
 pipe = _reference_pipeline(DiffusersSource.open(sys.argv[2]), sys.argv[7])
 with torch.no_grad():
     pipe(sys.argv[3], num_inference_steps=int(sys.argv[4]), height=int(sys.argv[5]), width=int(sys.argv[6]))

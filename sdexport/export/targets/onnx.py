@@ -15,10 +15,10 @@ import onnx
 import torch
 
 from runtime.manifest import TensorSpec
-from sdexport.components import ComponentSpec, Shape
+from sdexport.export.components import ComponentSpec, Shape
 from sdexport.errors import ExportError
-from sdexport.quantize import QUANTIZED_PRECISIONS, quantize_component
-from sdexport.targets.base import Converted, ExportOptions
+from sdexport.quantize.onnx import QUANTIZED_PRECISIONS, quantize_component
+from sdexport.export.targets.base import Converted, ExportOptions
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # leave headroom below protobuf's 2 GiB message limit
 EXTERNAL_DATA = "model.onnx_data"
@@ -117,7 +117,7 @@ def optimize_gpu(spec: ComponentSpec, model: onnx.ModelProto, precision: str, op
                  scratch: Path) -> tuple[onnx.ModelProto, dict]:
     """``--optimize gpu``: onnxruntime.transformers fusions on the fp32 graph, then fp16 with fp32
     islands found by running the fp32 graph on example inputs (at most 256 px: memory stays bounded)."""
-    from sdexport.targets.onnx_gpu import optimize_for_gpu
+    from sdexport.export.targets.onnx_gpu import optimize_for_gpu
 
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"--optimize gpu works with --precision fp32 or fp16, not {precision}")
@@ -136,7 +136,7 @@ def optimize_gpu(spec: ComponentSpec, model: onnx.ModelProto, precision: str, op
 
 
 class OnnxTarget:
-    """fp32 and fp16 graphs, and the int8 precisions of :mod:`sdexport.quantize`:
+    """fp32 and fp16 graphs, and the int8 precisions of :mod:`sdexport.quantize.onnx`:
     ``int8`` (int8 weights, activations quantized at run time, no calibration), ``int8-static``
     (QDQ, calibrated on real pipeline runs) and ``mixed`` (int8-static with the blocks most sensitive
     to it kept in float, to meet the profile's / ``--min-psnr`` target)."""

@@ -1,7 +1,7 @@
 """Train sdexport's bundled small latent diffusion model on the synthetic shapes set.
 
-    python -m sdexport.train_small --run runs/small --seed 0            # all stages, resumable
-    python -m sdexport.train_small --run runs/small --device cuda       # the same on a GPU
+    python -m sdexport.demo.train --run runs/small --seed 0            # all stages, resumable
+    python -m sdexport.demo.train --run runs/small --device cuda       # the same on a GPU
 
 Four stages, each resumable from its latest checkpoint (data batches and noise are functions of
 (seed, stage, step), so an interrupted and resumed run gives the same weights as one that never stopped):
@@ -18,9 +18,9 @@ Four stages, each resumable from its latest checkpoint (data batches and noise a
 3. ``controlnet``: a ControlNet copied from the trained U-Net's encoder, conditioned on Canny edge
    maps of the scenes (``runtime.preprocess.canny``), trained with the U-Net and text encoder frozen.
 4. ``pack``: the EMA weights as a standard diffusers pipeline folder + ControlNet folder under the run
-   directory, and the compact fp16 assets (``sdexport/assets/small``) with a provenance record.
+   directory, and the compact fp16 assets (``sdexport/demo/assets/small``) with a provenance record.
 
-The semantic check (:mod:`sdexport.semantic`) scores samples on held-out captions during training.
+The semantic check (:mod:`sdexport.demo.semantic`) scores samples on held-out captions during training.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sdexport import shapes_data as data
+from sdexport.demo import data
 
 STAGES = ("vae", "unet", "controlnet", "pack")
 
@@ -123,7 +123,7 @@ class Settings:
     checkpoint_every: int = 250
     eval_every: int = 500
     eval_prompts: int = 40
-    assets: Path | None = None  # where `pack` writes the compact weights (sdexport/assets/small)
+    assets: Path | None = None  # where `pack` writes the compact weights (sdexport/demo/assets/small)
 
 
 # --- small helpers ------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def encode_pool(s: Settings, pool: Pool, vae) -> dict:
 
 def vae_eval(s: Settings, pool: Pool, vae, n: int = 256) -> dict:
     """Reconstruction PSNR on held-out scenes, and whether the semantic check still reads them."""
-    from sdexport import semantic
+    from sdexport.demo import semantic
 
     scenes = data.scenes(n, s.seed + 1, "held_out")
     images = np.stack([np.asarray(data.render(sc)) for sc in scenes])
@@ -442,7 +442,7 @@ def sample(unet, text_encoder, vae, scaling: float, ids: torch.Tensor, seed: int
 
 def semantic_eval(s: Settings, unet, text_encoder, vae, scaling: float, captions: Captions,
                   controlnet=None, seed: int = 1234) -> dict:
-    from sdexport import semantic
+    from sdexport.demo import semantic
 
     scenes = data.held_out_scenes(s.eval_prompts, seed=0)
     ids = captions.ids([sc.caption for sc in scenes])
@@ -703,12 +703,12 @@ def plot_losses(run: Path, path: Path) -> None:
 
 
 def pack(s: Settings, pool: Pool, vae, captions: Captions, latents: dict, tokenizer_dir: Path, argv: list[str]) -> None:
-    from sdexport.demo import pack_assets
+    from sdexport.demo.run import pack_assets
 
     model_dir, controlnet_dir = save_diffusers(s, vae, captions, latents["scaling_factor"], tokenizer_dir)
     assets = Path(s.assets) if s.assets else Path(__file__).resolve().parent / "assets" / "small"
     provenance = {
-        "command": "python -m sdexport.train_small " + " ".join(argv),
+        "command": "python -m sdexport.demo.train " + " ".join(argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(s).items()
                      if k not in ("run", "assets", "threads")},
         "seed": s.seed,
@@ -734,7 +734,7 @@ def pack(s: Settings, pool: Pool, vae, captions: Captions, latents: dict, tokeni
 
 def parse(argv: list[str]) -> tuple[Settings, list[str]]:
     defaults = Settings(run=Path("."))
-    p = argparse.ArgumentParser(prog="python -m sdexport.train_small", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sdexport.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, type=Path, help="run directory (checkpoints, logs; resumed if present)")
     p.add_argument("--stage", choices=("all", *STAGES), default="all", help="run one stage (and what it needs) or all")
     for f in dataclasses.fields(Settings):
@@ -759,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     if s.threads:
         torch.set_num_threads(s.threads)
     s.run.mkdir(parents=True, exist_ok=True)
-    from sdexport.clip_vocab import write_clip_vocab
+    from sdexport.sources.clip_vocab import write_clip_vocab
 
     tokenizer_dir = s.run / "tokenizer"
     if not (tokenizer_dir / "merges.txt").is_file():

@@ -12,7 +12,7 @@ which architecture it is, so :func:`detect` reads the tensor names and shapes:
   ``<checkpoint>.yaml`` beside the file (``parameterization: "v"``), then the family default
   (v for SD 2.x at 768 px, as diffusers and A1111 assume).
 
-The architecture comes from a config folder shipped under ``sdexport/configs/<family>`` (diffusers
+The architecture comes from a config folder shipped under ``sdexport/sources/configs/<family>`` (diffusers
 ``config.json`` files, no weights) or from ``config=`` (any diffusers folder: the tiny test models use
 this). Tensors are renamed with diffusers' own conversion functions, which only move, slice and
 reshape them, so a converted model is bitwise equal to its diffusers folder. Every check runs on
@@ -316,7 +316,7 @@ def _stub(name: str) -> type:
     return type(name.rpartition(".")[2] or "Stub", (), {
         "__init__": lambda self, *args, **kwargs: None,
         "__setstate__": lambda self, state: None,
-        "__module__": "sdexport.single_file.stubs",
+        "__module__": "sdexport.sources.single_file.stubs",
     })
 
 
@@ -751,7 +751,7 @@ def _copy_configs(src: Path, dst: Path, family: str) -> None:
             if f.is_file():
                 shutil.copyfile(f, tokenizer / f.name)
     if not has_vocab:
-        from sdexport.clip_vocab import write_clip_vocab
+        from sdexport.sources.clip_vocab import write_clip_vocab
 
         write_clip_vocab(tokenizer)
         if not (tokenizer / "tokenizer_config.json").is_file():
@@ -821,7 +821,7 @@ class SingleFileSource:
             sched.update(scheduler_overrides or {})
             sched_path.write_text(json.dumps(sched, indent=2) + "\n", encoding="utf-8")
             source = cls(file, checkpoint, detected, family, folder, tmp,
-                         str(config_dir) if config_dir else f"sdexport/configs/{family}", (prediction, origin))
+                         str(config_dir) if config_dir else f"sdexport/sources/configs/{family}", (prediction, origin))
             source.check()
             return source
         except BaseException:
@@ -891,7 +891,7 @@ class SingleFileSource:
         return FAMILY_DESCRIPTIONS.get(self.family, self.family)
 
     def _config_hint(self) -> str:
-        if self.config_origin.startswith("sdexport/configs/"):
+        if self.config_origin.startswith("sdexport/sources/configs/"):
             return "; for a non-standard architecture pass --config DIR (a diffusers folder describing it)"
         return f" (config from {self.config_origin})"
 
@@ -972,7 +972,7 @@ def write_single_file(source, out: str | Path, layout: str = "ldm", dtype: torch
     (``layout="ldm"``: A1111 / CompVis names; ``"diffusers"``: ``unet.``/``vae.``/``text_encoder.`` prefixes)
     or ``.ckpt`` file (by suffix; a plain ``torch.save`` of ``{"state_dict": ...}``). One component is in
     memory at a time for safetensors output."""
-    from sdexport.sources import open_source
+    from sdexport.sources.diffusers import open_source
 
     if layout not in ("ldm", "diffusers"):
         raise ValueError(f"layout {layout!r}: use 'ldm' or 'diffusers'")

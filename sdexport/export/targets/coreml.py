@@ -1,7 +1,7 @@
 """Core ML target: one ML Program ``model.mlpackage`` per component, for Apple Silicon Macs, iPhones and iPads.
 
 Path. ``torch.export.export`` (with the chosen attention implementation swapped in, see
-:mod:`sdexport.attention`), then ``coremltools.convert`` on the exported program. The TorchScript
+:mod:`sdexport.export.attention`), then ``coremltools.convert`` on the exported program. The TorchScript
 path (``torch.jit.trace``) fails with torch 2.13 on diffusers' U-Net and VAE ("only 0-dimensional
 arrays can be converted"); the exported program converts every component.
 
@@ -44,10 +44,10 @@ import numpy as np
 import torch
 
 from runtime.manifest import TensorSpec
-from sdexport.attention import IMPLEMENTATIONS, UnsupportedAttention, attention_implementation
-from sdexport.components import ComponentSpec, Shape
+from sdexport.export.attention import IMPLEMENTATIONS, UnsupportedAttention, attention_implementation
+from sdexport.export.components import ComponentSpec, Shape
 from sdexport.errors import ExportError, OptionError
-from sdexport.targets.base import Converted, ExportOptions
+from sdexport.export.targets.base import Converted, ExportOptions
 
 PACKAGE = "model.mlpackage"
 COMPUTE_UNITS = {"all": "ALL", "cpu-and-gpu": "CPU_AND_GPU", "cpu-and-ne": "CPU_AND_NE", "cpu-only": "CPU_ONLY"}
@@ -349,7 +349,7 @@ class CoreMLTarget:
         mlmodel.short_description = f"sdexport {spec.name} ({spec.role}), {precision}, attention {settings.attention}"
         mlmodel.user_defined_metadata.update({
             "sdexport.component": spec.name, "sdexport.role": spec.role, "sdexport.precision": precision,
-            "sdexport.attention": settings.attention, "sdexport.compute_units": units,
+            "sdexport.export.attention": settings.attention, "sdexport.compute_units": units,
         })
         out_dir.mkdir(parents=True, exist_ok=True)
         package = out_dir / PACKAGE

@@ -8,7 +8,7 @@ The onnx target's quantized precisions (``--precision``):
   run is needed and every execution provider with integer kernels (x86 VNNI, arm64 dot-product) runs it.
 - ``int8-static``: the U-Net as standard QDQ (QuantizeLinear/DequantizeLinear pairs, opset 17): int8
   weights per output channel, int8 activations with ranges calibrated on real pipeline runs
-  (:mod:`sdexport.calibration`). Convolutions, linear layers and the time-embedding Gemms are
+  (:mod:`sdexport.quantize.calibration`). Convolutions, linear layers and the time-embedding Gemms are
   quantized; attention score/value MatMuls (two activations), Softmax, GroupNorm
   (InstanceNormalization), LayerNorm and the elementwise ops stay float. ONNX Runtime fuses the
   pairs into QLinearConv / QLinearMatMul; TensorRT builds int8 engines from the same file.
@@ -561,7 +561,7 @@ def search_mixed(quantizer: StaticQuantizer, candidates: Sequence[str], min_psnr
 def calibration_settings(options) -> "Any":
     """CalibrationSettings from the options: the profile's [calibration] mapping (programmatic), then
     its [quantize] calibration_prompts / calibration_steps (profile files and command-line flags)."""
-    from sdexport.calibration import CalibrationSettings
+    from sdexport.quantize.calibration import CalibrationSettings
 
     settings = CalibrationSettings.from_mapping(options.profile.get("calibration"))
     quant = options.profile.get("quantize") or {}
@@ -596,8 +596,8 @@ def min_psnr(options) -> float:
 
 def calibration_feeds(spec, module, options, settings=None) -> tuple[list[dict], dict]:
     """Recorded inputs of ``spec``'s component (its static batch), from real runs of the source model."""
-    from sdexport.calibration import collect
-    from sdexport.sources import ControlNetSource
+    from sdexport.quantize.calibration import collect
+    from sdexport.sources.diffusers import ControlNetSource
 
     settings = settings or calibration_settings(options)
     unet = getattr(module, "unet", None)

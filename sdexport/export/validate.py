@@ -15,7 +15,7 @@ import torch
 from runtime.backends import open_session
 from runtime.manifest import Component
 from runtime.metrics import finite, max_abs_error, psnr
-from sdexport.components import ComponentSpec, Shape
+from sdexport.export.components import ComponentSpec, Shape
 
 
 def validation_shape(spec: ComponentSpec, trace: Shape, static: bool, multiple: int) -> Shape:

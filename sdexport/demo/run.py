@@ -1,7 +1,7 @@
 """``sdexport demo``: the whole path on the bundled small trained model, in about a minute on a CPU.
 
-The model (``sdexport/assets/small``) is a latent diffusion model trained by
-:mod:`sdexport.train_small` on the synthetic shapes of :mod:`sdexport.shapes_data`: 64x64 images, a
+The model (``sdexport/demo/assets/small``) is a latent diffusion model trained by
+:mod:`sdexport.demo.train` on the synthetic shapes of :mod:`sdexport.demo.data`: 64x64 images, a
 VAE with downsampling 4, a CLIP text encoder on the real tokenizer, a U-Net with cross-attention and
 a ControlNet on Canny edges. Its weights ship in a compact form (fp16; the token embedding only for
 the tokens its captions use, with the id mapping) and :func:`build_bundled_model` expands them into
@@ -10,7 +10,7 @@ a standard diffusers folder, so diffusers itself is the parity reference.
 :func:`run_demo` builds that folder, exports it to the best target on the machine (OpenVINO if it is
 installed, else ONNX), generates a few prompts (captions the model never saw in training) and one
 ControlNet example, compares each image with diffusers on the same seed (PSNR) and with its prompt
-(:mod:`sdexport.semantic`), times both, writes ``grid.png`` and ``demo.json`` and prints a table.
+(:mod:`sdexport.demo.semantic`), times both, writes ``grid.png`` and ``demo.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Callable
 
 import numpy as np
 
-from sdexport import semantic
-from sdexport import shapes_data as data
+from sdexport.demo import semantic
+from sdexport.demo import data
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "small"
 WEIGHTS, CONFIGS, PROVENANCE = "weights.safetensors", "configs.json", "provenance.json"
@@ -120,14 +120,14 @@ def build_bundled_model(dest: str | Path, assets: Path = ASSETS) -> BundledModel
     """Write the bundled model as diffusers folders under ``dest`` (``model/``, ``controlnet/``), fp32."""
     from safetensors.numpy import load_file, save_file
 
-    from sdexport.clip_vocab import write_clip_vocab
+    from sdexport.sources.clip_vocab import write_clip_vocab
 
     from sdexport.errors import SourceError
 
     dest = Path(dest)
     if not (assets / WEIGHTS).is_file():
         raise SourceError(f"{assets / WEIGHTS}: the bundled model's weights are missing (train them with "
-                          "python -m sdexport.train_small)")
+                          "python -m sdexport.demo.train)")
     packed = load_file(str(assets / WEIGHTS))
     configs = _read_json(assets / CONFIGS)
     model, controlnet = dest / "model", dest / "controlnet"
@@ -192,7 +192,7 @@ def _sha256(path: Path) -> str:
 
 def best_target() -> str:
     """OpenVINO where it (and sdexport's OpenVINO target) can be imported, else ONNX."""
-    if importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("sdexport.targets.openvino") is not None:
+    if importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("sdexport.export.targets.openvino") is not None:
         return "openvino"
     return "onnx"
 
@@ -286,8 +286,8 @@ def _run(work: Path, out: Path, target: str, steps: int, guidance: float, progre
 
     from runtime.metrics import finite, psnr
     from runtime.pipeline import Pipeline
-    from sdexport.export import export
-    from sdexport.targets.base import ExportOptions
+    from sdexport.export.run import export
+    from sdexport.export.targets.base import ExportOptions
 
     import transformers
 

@@ -3,7 +3,7 @@
 Two measurements, both against the reference model in fp32 PyTorch on this machine:
 
 - per component: the same recorded inputs (real pipeline runs of the reference model, from
-  :mod:`sdexport.calibration`, with a seed held out from the export's calibration) go through the
+  :mod:`sdexport.quantize.calibration`, with a seed held out from the export's calibration) go through the
   artifact's backend and through the torch module; per output PSNR (pooled over all inputs, and the
   worst single input), SSIM of the spatial maps, max abs error. Components that calibration cannot
   record (ControlNets) get the spec's example inputs, and the report says so;
@@ -223,7 +223,7 @@ def _reference_image(ref, prompt: str, seed: int, config: QualityConfig, height:
 
 
 def end_to_end(pipe, source, config: QualityConfig, height: int, width: int, cache: dict, bar) -> list[dict]:
-    from sdexport.bench import _inpaint_inputs, _reference_pipeline
+    from sdexport.measure.bench import _inpaint_inputs, _reference_pipeline
 
     extra = {}
     if pipe.info.is_inpainting:
@@ -281,7 +281,7 @@ def grid(runs: list[dict], path: Path, min_tile: int = 160) -> None:
 
 def _specs(source, info, controlnets: dict) -> dict:
     """Every component spec the reference can build, by name (specs load their modules lazily)."""
-    from sdexport.components import controlnet_spec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+    from sdexport.export.components import controlnet_spec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 
     specs = [text_encoder_spec(source, info), unet_spec(source, info), unet_spec(source, info, control=True),
              vae_encoder_spec(source, info), vae_decoder_spec(source, info)]
@@ -290,7 +290,7 @@ def _specs(source, info, controlnets: dict) -> dict:
 
 
 def _controlnet_sources(config: QualityConfig) -> dict:
-    from sdexport.sources import ControlNetSource
+    from sdexport.sources.diffusers import ControlNetSource
 
     sources = [ControlNetSource.parse(s) for s in config.controlnets]
     return {cn.name: cn for cn in sources}
@@ -306,11 +306,11 @@ def run_quality(artifact: str | Path, reference: str | Path, config: QualityConf
     from tqdm import tqdm
 
     from runtime.pipeline import Pipeline
-    from sdexport.bench import both_sides_threads, check_reference
-    from sdexport.calibration import CalibrationSettings, collect
-    from sdexport.components import Shape, model_info
-    from sdexport.machine import machine_info
-    from sdexport.sources import DiffusersSource
+    from sdexport.measure.bench import both_sides_threads, check_reference
+    from sdexport.quantize.calibration import CalibrationSettings, collect
+    from sdexport.export.components import Shape, model_info
+    from sdexport.measure.machine import machine_info
+    from sdexport.sources.diffusers import DiffusersSource
 
     cache = {} if cache is None else cache
     manifest = Manifest.load(artifact)

@@ -3,7 +3,7 @@
 Every scene is a :class:`Scene` (shape, colour, size, position, background, plus small jitters) that
 renders to a 64x64 RGB image with anti-aliased edges and has a caption such as
 ``"a small red circle in the top left on a blue background"``. Everything is deterministic for a
-seed, and needs only numpy and Pillow (the semantic check in :mod:`sdexport.semantic` reuses the
+seed, and needs only numpy and Pillow (the semantic check in :mod:`sdexport.demo.semantic` reuses the
 geometry here, in environments without torch).
 
 The attribute combinations (5 shapes x 8 colours x 7 other background colours x 2 sizes x 5

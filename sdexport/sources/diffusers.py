@@ -116,7 +116,7 @@ class LoraSource:
     """
 
     def __init__(self, base, loras: Iterable):
-        from sdexport.lora import LoraRef, ModelLayers, load_loras
+        from sdexport.sources.lora import LoraRef, ModelLayers, load_loras
 
         loras = list(loras)
         self.base = base
@@ -134,7 +134,7 @@ class LoraSource:
     few_step = property(lambda self: getattr(self.base, "few_step", None))
 
     def _fused(self, component: str, model):
-        from sdexport.lora import fuse_into
+        from sdexport.sources.lora import fuse_into
 
         return fuse_into(model, [a for a in self.applied if a.component == component])
 
@@ -244,11 +244,11 @@ def open_source(path: str | Path, loras: Iterable = (), config: str | Path | Non
 
     ``loras``: ``FILE[:SCALE]`` strings, (file, scale) pairs or LoraRefs, fused in that order.
     ``config``: for single files, a diffusers folder (weights not needed) whose configs describe the
-    architecture (default: detected, from ``sdexport/configs``). ``prediction_type``: ``epsilon`` or
+    architecture (default: detected, from ``sdexport/sources/configs``). ``prediction_type``: ``epsilon`` or
     ``v_prediction`` (single files; SD 2.x v-models cannot be told from their weights). ``few_step``:
     ``lcm`` or ``turbo`` (LCM-LoRA / LCM-distilled or SD-Turbo-style models): their sampler and defaults.
     """
-    from sdexport.single_file import SingleFileSource
+    from sdexport.sources.single_file import SingleFileSource
 
     path = Path(path)
     if few_step is not None and few_step not in FEW_STEP:

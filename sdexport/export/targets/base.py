@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from runtime.manifest import TensorSpec
-from sdexport.components import ComponentSpec, Shape
+from sdexport.export.components import ComponentSpec, Shape
 
 
 @dataclasses.dataclass(frozen=True)

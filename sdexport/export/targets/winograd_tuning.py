@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from runtime.backends.openvino import core
 from runtime.backends.openvino_winograd import TILES, eligible_convs, fits, winograd_conv3x3
-from sdexport.timing import timeit
+from sdexport.measure.timing import timeit
 
 MIN_GAIN = 1.05  # below this the difference is within run-to-run noise on a busy machine
 MODES = ("auto", "off", "f2", "f4")
@@ -97,7 +97,7 @@ def plan(model: ov.Model, mode: str = "auto", threads: int = 0, label: str = "",
     if mode == "auto":
         import os
 
-        from sdexport.machine import cpu_model
+        from sdexport.measure.machine import cpu_model
 
         result["tuned_on"] = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads or "default",
                               "openvino": ov.get_version().split("-")[0], "min_gain": MIN_GAIN}

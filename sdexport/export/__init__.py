@@ -1,0 +1,1 @@
+"""One export run: component specs, conversion by a target, parity against torch, the artifact written atomically."""

@@ -1,0 +1,1 @@
+"""Measurement against PyTorch: latency (bench), precision cost (quality), timing and machine description."""

@@ -1,0 +1,1 @@
+"""Quantization: calibration data recorded from real pipeline runs, and the ONNX int8 recipes."""

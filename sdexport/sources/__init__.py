@@ -1,0 +1,1 @@
+"""Model sources: diffusers folders, single-file checkpoints, LoRAs fused on load, merges."""

@@ -266,6 +266,8 @@ def generate_both(pipe, torch_pipes, prompt: str, seed: int, steps: int, guidanc
 def run_demo(out_dir: str | Path | None = None, target: str = "auto", steps: int = STEPS, guidance: float = GUIDANCE,
              progress: bool = True, echo: Callable[[str], None] | None = None, assets: Path = ASSETS) -> dict:
     """Build, export, generate, compare; returns what ``demo.json`` records."""
+    from sdexport.export.artifacts import ordinary_permissions
+
     echo = echo or print
     t_start = time.perf_counter()
     out = Path(out_dir or "sdexport-demo").absolute()
@@ -273,6 +275,7 @@ def run_demo(out_dir: str | Path | None = None, target: str = "auto", steps: int
     _check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    ordinary_permissions(work)  # it becomes sdexport-demo/, which should not be private (0700)
     try:
         return _run(work, out, target, steps, guidance, progress, echo, assets, t_start)
     finally:

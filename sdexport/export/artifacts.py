@@ -23,11 +23,25 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise OptionError(f"{out}: already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise OptionError(f"{out}: exists and is not a directory")
-    parent = out.resolve().parent
+    parent = _existing_ancestor(out.resolve().parent)
     if not parent.is_dir():
-        raise OptionError(f"{parent}: parent directory does not exist")
+        raise OptionError(f"{parent}: exists and is not a directory")
     if not os.access(parent, os.W_OK):
         raise OptionError(f"{parent}: not writable")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest of ``path`` and its parents that exists (the one the missing ones are created in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def ordinary_permissions(path: Path) -> None:
+    """Give a file or directory made by mkstemp/mkdtemp (private: 0600/0700) the user's umask instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager
@@ -35,10 +49,10 @@ def staged_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it becomes ``out``, on error it is removed."""
     out = Path(out)
     check_output_dir(out, overwrite)
+    # Missing parents are ordinary directories the user asked for; only ``out`` itself appears atomically.
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
+    ordinary_permissions(stage)
     try:
         yield stage
     except BaseException:

@@ -588,11 +588,30 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, _user_errors()):
             print(f"sdexport: error: {_one_line(e)}", file=sys.stderr)
             return EXIT_USAGE
+        if isinstance(e, ModuleNotFoundError) and _extra_for(e.name) and not debug:
+            print(f"sdexport: error: this command needs {e.name}, which is not installed: "
+                  f"pip install \"sdexport[{_extra_for(e.name)}]\" (or pip install -e \".[{_extra_for(e.name)}]\" "
+                  "in a clone)", file=sys.stderr)
+            return EXIT_USAGE
         if debug:
             raise
         print(f"sdexport: internal error: {type(e).__name__}: {_one_line(e)} (SDEXPORT_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
+
+
+# The extra (pyproject.toml) that installs each optional top-level package: a runtime-only install
+# (numpy, Pillow, one backend) has none of the export side's.
+_EXTRAS = {
+    **dict.fromkeys(("torch", "diffusers", "transformers", "safetensors", "accelerate", "huggingface_hub", "onnx",
+                     "onnxscript", "onnx_ir", "nncf", "yaml"), "export"),
+    "onnxruntime": "onnx", "openvino": "openvino", "coremltools": "coreml", "kmeans1d": "coreml-export",
+    "sklearn": "coreml-export", "tensorrt": "tensorrt", "cuda": "tensorrt", "matplotlib": "bench",
+}
+
+
+def _extra_for(module: str | None) -> str | None:
+    return _EXTRAS.get((module or "").split(".")[0])
 
 
 def _one_line(e: BaseException) -> str:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-# Our short scheduler names -> diffusers classes, kept on the export side (sdexport.measure.bench), apart from
-# runtime.schedulers, so that a wrong mapping there shows up as a parity failure here.
+# Our short scheduler names -> diffusers classes: the runtime's one table (runtime.schedulers.SHORT_NAMES);
+# test_schedulers checks each name's class against a list written out in the test.
 from sdexport.measure.reference_schedulers import use_scheduler  # noqa: E402
 
 

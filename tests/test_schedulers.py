@@ -47,6 +47,7 @@ from runtime.schedulers import (  # noqa: E402
     scheduler_from_config,
     scheduler_from_file,
 )
+from sdexport.measure.reference_schedulers import diffusers_scheduler as reference_scheduler  # noqa: E402
 
 diffusers.utils.logging.set_verbosity_error()
 logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -136,13 +137,10 @@ def ieee_torch():
 
 
 def diffusers_scheduler(config: dict, name: str | None = None):
-    """diffusers' scheduler for a config (and short name), built the way scheduler_from_config builds ours."""
-    ours_cls = SCHEDULER_CLASSES[config["_class_name"]] if name is None else type(scheduler_from_config(config, name))
-    fixed = {}
-    if name in ("dpmpp-2m", "dpmpp-2m-karras"):
-        fixed = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": name.endswith("karras"),
-                 "use_exponential_sigmas": False, "use_lu_lambdas": False}  # fmt: skip
-    return getattr(diffusers, ours_cls.diffusers_name).from_config(config, **fixed)
+    """diffusers' scheduler for a config (and short name), as the torch references build it."""
+    if name is None:
+        return getattr(diffusers, SCHEDULER_CLASSES[config["_class_name"]].diffusers_name).from_config(config)
+    return reference_scheduler(config, name)
 
 
 # --- comparison ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 from .base import Scheduler
@@ -39,6 +40,8 @@ from .multistep import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 __all__ = [
     "SCHEDULER_NAMES",
     "SCHEDULER_CLASSES",
+    "SHORT_NAMES",
+    "short_name_entry",
     "SchedulerConfigError",
     "Scheduler",
     "scheduler_from_config",
@@ -74,23 +77,34 @@ SCHEDULER_CLASSES: dict[str, type[Scheduler]] = {
 
 _DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_exponential_sigmas": False, "use_lu_lambdas": False}
 
-# Short name -> (class, the config keys the name itself fixes).
-_SHORT_NAMES: dict[str, tuple[type[Scheduler], dict[str, Any]]] = {
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "dpmpp-2m": (DPMSolverMultistepScheduler, {**_DPMPP_2M, "use_karras_sigmas": False}),
-    "dpmpp-2m-karras": (DPMSolverMultistepScheduler, {**_DPMPP_2M, "use_karras_sigmas": True}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "lcm": (LCMScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-}
+#: Short name -> (diffusers class name, the config keys the name itself fixes). The one table of
+#: short names: the runtime builds its scheduler from it, and the torch references
+#: (``sdexport.measure.reference_schedulers``) build diffusers' from it, so both sample alike.
+SHORT_NAMES: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType({
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {**_DPMPP_2M, "use_karras_sigmas": False}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {**_DPMPP_2M, "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+})  # fmt: skip
 
 #: The short names accepted by :func:`scheduler_from_config` (and ``--scheduler``).
-SCHEDULER_NAMES: tuple[str, ...] = tuple(_SHORT_NAMES)
+SCHEDULER_NAMES: tuple[str, ...] = tuple(SHORT_NAMES)
+
+
+def short_name_entry(name: str) -> tuple[str, dict[str, Any]]:
+    """(diffusers class name, config overrides) for a short name; case and ``_``/``-`` are free."""
+    key = name.strip().lower().replace("_", "-") if isinstance(name, str) else name
+    if key not in SHORT_NAMES:
+        raise SchedulerConfigError(f"unknown scheduler name {name!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
+    class_name, fixed = SHORT_NAMES[key]
+    return class_name, dict(fixed)
 
 
 def scheduler_from_config(config: Mapping[str, Any], name: str | None = None, *, path: str | None = None) -> Scheduler:
@@ -113,11 +127,8 @@ def scheduler_from_config(config: Mapping[str, Any], name: str | None = None, *,
                 f"unknown scheduler class {class_name!r}; supported: {known}", key="_class_name", path=path
             )
         return SCHEDULER_CLASSES[class_name].from_config(config, path)
-    key = name.strip().lower().replace("_", "-") if isinstance(name, str) else name
-    if key not in _SHORT_NAMES:
-        raise SchedulerConfigError(f"unknown scheduler name {name!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
-    cls, fixed = _SHORT_NAMES[key]
-    return cls.from_config(config, path, **fixed)
+    class_name, fixed = short_name_entry(name)
+    return SCHEDULER_CLASSES[class_name].from_config(config, path, **fixed)
 
 
 def scheduler_from_file(path: str | Path, name: str | None = None) -> Scheduler:

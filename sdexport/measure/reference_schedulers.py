@@ -1,26 +1,29 @@
-"""The runtime's scheduler names on the diffusers side: what the torch references (bench, calibration,
-tests) set on a diffusers pipeline so that it samples as the runtime does."""
+"""The runtime's scheduler names on the diffusers side: what the torch references (bench, quality,
+calibration, tests) set on a diffusers pipeline so that it samples as the runtime does.
+
+The table itself is ``runtime.schedulers.SHORT_NAMES``; this module only turns an entry into
+diffusers' class, so the reference cannot drift from what the runtime runs."""
 
 from __future__ import annotations
 
-DIFFUSERS_SCHEDULERS = {  # our short names -> diffusers class + config overrides
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
-    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-}
+from typing import Any, Mapping
+
+from runtime.schedulers import SCHEDULER_NAMES, SHORT_NAMES, short_name_entry
+
+#: our short names -> (diffusers class name, config overrides); the runtime's table.
+DIFFUSERS_SCHEDULERS = SHORT_NAMES
+
+__all__ = ["DIFFUSERS_SCHEDULERS", "SCHEDULER_NAMES", "diffusers_scheduler", "use_scheduler"]
+
+
+def diffusers_scheduler(config: Mapping[str, Any], name: str):
+    """diffusers' scheduler for our short ``name``, built from a model's scheduler config."""
+    import diffusers
+
+    class_name, overrides = short_name_entry(name)
+    return getattr(diffusers, class_name).from_config(config, **overrides)
 
 
 def use_scheduler(pipe, name: str) -> None:
     """Replace ``pipe.scheduler`` by diffusers' scheduler for our ``name``, keeping the model's config."""
-    import diffusers
-
-    cls, overrides = DIFFUSERS_SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **overrides)
+    pipe.scheduler = diffusers_scheduler(pipe.scheduler.config, name)

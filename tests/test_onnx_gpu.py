@@ -227,3 +227,107 @@ def test_fused_fp16_unet_matches_torch_on_cuda(optimized, tiny_sd1):
     model, _ = optimized["unet"]
     got = _run(model, feeds, ("CUDAExecutionProvider", "CPUExecutionProvider"))
     assert psnr(expected, got) >= 30.0
+
+
+# --- valid by construction (issue 17, item 1) --------------------------------------------------------
+
+
+def _shared_constant_model() -> onnx.ModelProto:
+    """One Constant read by two Resize scales (fp32 by rule) and by two nodes kept fp32 as islands:
+    what torch 2.11's exporter writes for the VAE decoder's upsamplers, in small."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32))
+    nodes = [helper.make_node("Constant", [], ["/up/Constant_output_0"], name="/up/Constant", value=scales),
+             helper.make_node("Resize", ["x", "", "/up/Constant_output_0"], ["r1"], name="resize1", mode="nearest"),
+             helper.make_node("Relu", ["x"], ["x2"], name="relu"),
+             helper.make_node("Resize", ["x2", "", "/up/Constant_output_0"], ["r2"], name="resize2", mode="nearest"),
+             helper.make_node("ReduceMax", ["/up/Constant_output_0"], ["m"], name="island_a", keepdims=1),
+             helper.make_node("Mul", ["/up/Constant_output_0", "m"], ["k"], name="island_b"),
+             helper.make_node("Add", ["r1", "r2"], ["s"], name="add"),
+             helper.make_node("ReduceMean", ["k"], ["km"], name="mean", keepdims=1),
+             helper.make_node("Mul", ["s", "km"], ["y"], name="mul")]
+    graph = helper.make_graph(nodes, "shared", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _assert_unique(model: onnx.ModelProto) -> None:
+    names = [n.name for n in model.graph.node if n.name]
+    outputs = [o for n in model.graph.node for o in n.output if o]
+    assert len(names) == len(set(names)) and len(outputs) == len(set(outputs))
+
+
+def test_one_constant_feeding_two_fp32_islands_gives_a_valid_graph():
+    """onnxruntime <= 1.31 wrote two `<constant>_cast_to_fp32_node` Casts here (the H200 run's VAE
+    error); any version's output must pass onnx.checker (node order included) and load."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = _shared_constant_model()
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    reference = _run(model, {"x": x})
+    converted = onnx_gpu.to_fp16(OnnxModel(model), (), ["island_a", "island_b"])
+    _assert_unique(converted)
+    onnx.checker.check_model(converted, full_check=True)
+    assert onnx_gpu.check_loadable(converted) == "loads"
+    np.testing.assert_allclose(_run(converted, {"x": x}), reference, rtol=2e-3, atol=2e-3)
+
+
+def _as_onnxruntime_131_writes_it() -> onnx.ModelProto:
+    """The converter output of onnxruntime 1.31.1 for the graph above (one Cast per consumer)."""
+    model = _shared_constant_model()
+    nodes = list(model.graph.node)
+    cast = helper.make_node("Cast", ["/up/Constant_output_0"], ["/up/Constant_output_0_cast_to_fp32"], to=1,
+                            name="/up/Constant_output_0_cast_to_fp32_node")
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name == "/up/Constant_output_0":
+                node.input[i] = "/up/Constant_output_0_cast_to_fp32"
+    info = helper.make_tensor_value_info("/up/Constant_output_0_cast_to_fp32", TensorProto.FLOAT, [4])
+    graph = helper.make_graph(nodes[:1] + [cast, copy_node(cast)] + nodes[1:], "shared", list(model.graph.input),
+                              list(model.graph.output), value_info=[info, info])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def copy_node(node):
+    twin = onnx.NodeProto()
+    twin.CopyFrom(node)
+    return twin
+
+
+def test_unique_names_repairs_duplicate_casts():
+    model = _as_onnxruntime_131_writes_it()
+    with pytest.raises(Exception, match="two nodes with same node name"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert onnx_gpu.unique_names(model) == 1
+    _assert_unique(model)
+    assert [v.name for v in model.graph.value_info] == ["/up/Constant_output_0_cast_to_fp32"]
+    assert onnx_gpu.check_loadable(model) == "loads"
+
+
+def test_unique_names_renames_distinct_nodes_and_refuses_two_writers():
+    model = _shared_constant_model()
+    model.graph.node[2].name = model.graph.node[1].name  # relu shares resize1's name
+    assert onnx_gpu.unique_names(model) == 1
+    _assert_unique(model)
+    assert model.graph.node[2].name == "resize1_1"
+    model.graph.node[2].output[0] = "r1"  # two different nodes writing one tensor: not repairable
+    with pytest.raises(ExportError, match="both write 'r1'"):
+        onnx_gpu.unique_names(model)
+
+
+def test_load_check_refuses_invalid_graphs():
+    model = _as_onnxruntime_131_writes_it()
+    with pytest.raises(ExportError, match="cannot load"):
+        onnx_gpu.check_loadable(model)
+
+
+@pytest.mark.parametrize("name", list(ROLES))
+def test_optimized_components_pass_the_load_checks(optimized, name):
+    """The real --optimize gpu path on the tiny SD1 components (the VAE decoder with SD 1.5's four up
+    blocks and three upsamplers): names unique, onnx.checker clean, a CPU session stops at the CUDA-only
+    kernels at most."""
+    model, details = optimized[name]
+    _assert_unique(model)
+    onnx.checker.check_model(model)
+    expected = "loads up to CUDA-only kernels" if details["cuda_only_ops"] else "loads"
+    assert details["load_check"] == expected == onnx_gpu.check_loadable(model)

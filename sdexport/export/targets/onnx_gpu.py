@@ -51,6 +51,8 @@ __all__ = [
     "fuse_bias_split_gelu",
     "overflow_tensors",
     "to_fp16",
+    "unique_names",
+    "check_loadable",
     "optimize_for_gpu",
     "fused_op_counts",
     "cuda_only_ops",
@@ -244,14 +246,11 @@ def overflow_tensors(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], he
     """Tensors of the fp32 graph whose largest magnitude on ``feeds`` exceeds ``headroom`` x 65504
     (or is not finite), with that magnitude. Runs on ONNX Runtime's CPU provider, ``chunk``
     intermediate tensors per run so memory stays bounded on a full-size U-Net."""
-    import onnxruntime as ort
+    from runtime.backends.onnxruntime import create_session
 
     limit = headroom * FP16_MAX
     names = _float_tensor_names(model)
     found: dict[str, float] = {}
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor observable
-    so.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="sdexport-probe-") as scratch:
         for start in range(0, len(names), chunk):
             part = names[start:start + chunk]
@@ -260,7 +259,7 @@ def overflow_tensors(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], he
             del probe.graph.output[:]
             probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in part)
             path = _save(probe, Path(scratch) / "probe.onnx")
-            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            session = create_session(path, optimization="none")  # every tensor stays observable
             for name, value in zip(part, session.run(part, dict(feeds))):
                 value = np.asarray(value)
                 peak = float(np.max(np.abs(value))) if value.size else 0.0
@@ -277,7 +276,7 @@ def _island_nodes(model: onnx.ModelProto, tensors: Sequence[str]) -> list[str]:
 
 
 def to_fp16(fused, op_block: Sequence[str] = (), node_block: Sequence[str] = ()) -> onnx.ModelProto:
-    """fp16 with fp32 islands; graph inputs and outputs stay float32."""
+    """fp16 with fp32 islands; graph inputs and outputs stay float32; node and value names unique."""
     from onnxruntime.transformers import float16
 
     with contextlib.redirect_stdout(io.StringIO()):
@@ -286,7 +285,86 @@ def to_fp16(fused, op_block: Sequence[str] = (), node_block: Sequence[str] = ())
             op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(op_block),
             node_block_list=list(node_block),
         )
+    unique_names(fused.model)
+    fused.topological_sort()  # the converter appends its Casts at the end; onnx.checker wants node order
     return fused.model
+
+
+def unique_names(model: onnx.ModelProto) -> int:
+    """Make node names and produced tensor names unique in the main graph; returns the nodes changed.
+
+    onnxruntime <= 1.31's fp16 converter inserts one Cast per fp32-kept consumer of a tensor, named
+    after the tensor only: a constant read by two Resize scales (or two blocked nodes) gets two
+    identical ``<tensor>_cast_to_fp32_node`` Casts writing the same output, which ONNX Runtime refuses
+    to load. Identical nodes compute the same value, so all but the first are dropped; nodes that only
+    share a name are renamed. Two different nodes writing one tensor cannot be repaired here.
+    """
+    graph = model.graph
+    seen: set[bytes] = set()
+    kept, dropped = [], 0
+    for node in graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key in seen:
+            dropped += 1
+            continue
+        seen.add(key)
+        kept.append(node)
+    producers: dict[str, str] = {}
+    for node in kept:
+        for out in filter(None, node.output):
+            if out in producers:
+                raise ExportError(f"--optimize gpu: nodes {producers[out]!r} and {node.name!r} both write {out!r}")
+            producers[out] = node.name
+    taken = {n.name for n in kept}
+    used: set[str] = set()
+    renamed = 0
+    for node in kept:
+        if node.name and node.name in used:
+            k = 1
+            while f"{node.name}_{k}" in taken:
+                k += 1
+            node.name = f"{node.name}_{k}"
+            taken.add(node.name)
+            renamed += 1
+        used.add(node.name)
+    if dropped:
+        del graph.node[:]
+        graph.node.extend(kept)
+        infos = {}
+        for info in graph.value_info:  # the dropped Casts' outputs were described twice
+            infos.setdefault(info.name, info)
+        if len(infos) != len(graph.value_info):
+            kept_infos = [onnx.ValueInfoProto.FromString(i.SerializeToString()) for i in infos.values()]
+            del graph.value_info[:]
+            graph.value_info.extend(kept_infos)
+    return dropped + renamed
+
+
+#: what a CPU session may answer for a graph with CUDA-only ops; anything else is an invalid graph
+_CUDA_ONLY_REFUSALS = ("NOT_IMPLEMENTED", "Could not find an implementation")
+
+
+def check_loadable(model: onnx.ModelProto, workdir: Path | None = None) -> str:
+    """The checks ONNX Runtime makes when it loads a model, on this machine's CPU: onnx.checker, then a
+    CPU session, which may stop only at a missing kernel (the CUDA-only fused ops). Returns "loads"
+    or "loads up to CUDA-only kernels"; raises ExportError naming what ONNX Runtime refused."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only loading is checked
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="sdexport-check-", dir=workdir) as scratch:
+        source = model.SerializeToString() if _fits_proto(model) else str(_save(model, Path(scratch) / "check.onnx"))
+        try:
+            onnx.checker.check_model(model if isinstance(source, bytes) else source)
+            ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            message = str(e).strip()
+            if isinstance(e, onnx.checker.ValidationError) or not any(s in message for s in _CUDA_ONLY_REFUSALS):
+                first = (message.splitlines() or [type(e).__name__])[0]
+                raise ExportError(f"--optimize gpu wrote a graph ONNX Runtime cannot load: {first[:300]}") from None
+            return "loads up to CUDA-only kernels"
+    return "loads"
 
 
 def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -333,11 +411,13 @@ def optimize_for_gpu(model: onnx.ModelProto, role: str, precision: str, workdir:
         result = to_fp16(fused, block_ops, nodes)
     else:
         result = fused.model
+        unique_names(result)
     details = {
         "optimize": "gpu" if options.cuda_ops else "gpu-portable",
         "model_type": model_type,
         "fused_ops": counts,
         "cuda_only_ops": cuda_only_ops(result),
+        "load_check": check_loadable(result, workdir),
     }
     if precision == "fp16":
         details["fp32_islands"] = islands

@@ -268,14 +268,10 @@ def ort_unet_call(path: Path, feeds: dict, repeats: int, cuda_graph: bool, devic
     """One U-Net call with inputs and output bound to fixed device buffers (I/O binding)."""
     import onnxruntime as ort
 
-    cuda = {"device_id": "0"}
-    if cuda_graph:
-        cuda["enable_cuda_graph"] = "1"
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), so, providers=providers)
+    from runtime.backends.onnxruntime import create_session
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = create_session(path, providers, cuda_graph=cuda_graph)
     types = {i.name: {"tensor(float)": np.float32, "tensor(float16)": np.float16}[i.type] for i in session.get_inputs()}
     out_meta = session.get_outputs()[0]
     binding = session.io_binding()

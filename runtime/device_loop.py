@@ -554,37 +554,26 @@ class DeviceLoop:
         return cls(Path(root) / component.main_file.path, providers, cuda_graph=cuda_graph,
                    threads=options.threads, device_id=device_id)
 
-    def _session_options(self):
-        so = self._ort.SessionOptions()
-        so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if self.threads:
-            so.intra_op_num_threads = int(self.threads)
-        return so
+    def _session(self, model: str | bytes, cuda_graph: bool = False):
+        from runtime.backends.onnxruntime import create_session
 
-    def _providers(self, cuda_graph: bool = False) -> list:
-        if self.device == "cpu":
-            return ["CPUExecutionProvider"]
-        cuda = {"device_id": str(self.device_id)}
-        if cuda_graph:
-            cuda["enable_cuda_graph"] = "1"
-        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        providers = ["CPUExecutionProvider"] if self.device == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return create_session(model, providers, threads=self.threads, device_id=self.device_id, cuda_graph=cuda_graph)
 
     def _open_unet(self, cuda_graph: bool):
-        so = self._session_options()
         if cuda_graph:
             try:
-                session = self._ort.InferenceSession(self.model_path, so, providers=self._providers(True))
+                session = self._session(self.model_path, cuda_graph=True)
                 self.cuda_graph_status = "on"
                 return session
             except Exception as e:  # e.g. nodes ORT placed on the CPU: a CUDA graph cannot hold them
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 self.cuda_graph_status = f"off: ONNX Runtime refused CUDA graph capture ({first[:200]})"
-        return self._ort.InferenceSession(self.model_path, so, providers=self._providers(False))
+        return self._session(self.model_path)
 
     def _small_session(self, key: tuple, model: bytes):
         if key not in self._small:
-            self._small[key] = self._ort.InferenceSession(model, self._session_options(), providers=self._providers(False))
+            self._small[key] = self._session(model)
         return self._small[key]
 
     # -- device memory --------------------------------------------------------------------------

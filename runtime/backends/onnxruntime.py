@@ -1,9 +1,15 @@
-"""ONNX Runtime backend: one InferenceSession per component, provider chosen from the options."""
+"""ONNX Runtime backend: one InferenceSession per component, provider chosen from the options.
+
+:func:`create_session` is the one place in the project that sets up an ONNX Runtime session (thread
+count, graph optimization, logging, providers); the device loop, the quantizer, the GPU optimizer's
+checks and the GPU benchmark all call it.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -23,6 +29,75 @@ DEVICE_PROVIDERS = {
 }
 # Providers that keep tensors in their own memory: outputs are bound there and copied back once.
 _DEVICE_MEMORY = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml", "TensorrtExecutionProvider": "cuda"}
+
+
+_OPTIMIZATION = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def session_options(threads: int = 0, optimization: str = "all", log_severity: int = 3) -> ort.SessionOptions:
+    """``threads`` 0 keeps ONNX Runtime's default; more threads than usable CPUs only oversubscribe.
+    ``optimization`` "none" keeps every intermediate tensor observable (for probing a graph)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _OPTIMIZATION[optimization]
+    so.log_severity_level = log_severity
+    if threads:
+        so.intra_op_num_threads = max(1, min(int(threads), usable_cpus()))
+    return so
+
+
+def cuda_provider(device_id: int = 0, cuda_graph: bool = False) -> tuple[str, dict[str, str]]:
+    """The CUDA provider entry for ``providers=``.
+
+    ``device_id`` is named only when it is not the default device. Since ONNX Runtime 1.26, a provider
+    given by name whose options carry ``device_id`` is first looked up among the registered *plugin*
+    EP devices (onnxruntime_pybind_state.cc, CreateExecutionProviderFactoryInstance), and when none
+    matches ONNX Runtime logs "No registered plugin EP device found for 'CUDAExecutionProvider' with
+    device_id=0" before falling back to the built-in provider -- on every session (seen with
+    onnxruntime-gpu 1.31.1 on an H200). Without the key there is no lookup and no warning; the
+    built-in provider runs on device 0 anyway, and a wheel whose CUDA provider is the bundled plugin
+    (auto-registered as "CUDAExecutionProvider", build info ``cuda-plugin-ep=1``) resolves the name to
+    its device as ONNX Runtime's own plugin tests do. The plugin-native route,
+    ``get_ep_devices`` + ``SessionOptions.add_provider_for_devices``, would reach the same provider;
+    the name keeps one path for every build. Not verified on a GPU here (no CUDA build on this CPU
+    machine): tests/test_ort_session.py checks the entries on CPU.
+    """
+    options: dict[str, str] = {}
+    if device_id:
+        options["device_id"] = str(int(device_id))
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    return ("CUDAExecutionProvider", options)
+
+
+def provider_entries(providers: Sequence[Any], device_id: int = 0, cuda_graph: bool = False) -> list:
+    """Provider names (or (name, options) pairs, kept as given) -> ``providers=`` entries; CUDA gets
+    :func:`cuda_provider`'s options."""
+    out: list = []
+    for p in providers:
+        out.append(cuda_provider(device_id, cuda_graph) if p == "CUDAExecutionProvider" else p)
+    return out
+
+
+def create_session(model: str | Path | bytes, providers: Sequence[Any] = ("CPUExecutionProvider",), *,
+                   threads: int = 0, optimization: str = "all", device_id: int = 0,
+                   cuda_graph: bool = False) -> ort.InferenceSession:
+    """An InferenceSession from a file path or serialized model bytes, set up the project's one way."""
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, session_options(threads, optimization),
+                                providers=provider_entries(providers, device_id, cuda_graph))
 
 
 def resolve_providers(options: SessionOptions) -> list[str]:
@@ -53,11 +128,6 @@ class OnnxRuntimeSession:
     def __init__(self, component: Component, root: Path, options: SessionOptions):
         self.component = component
         path = root / component.main_file.path
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if options.threads:
-            so.intra_op_num_threads = int(options.threads)
         self.providers = resolve_providers(options)
         if component.details.get("requires") == "CUDAExecutionProvider" and "CUDAExecutionProvider" not in self.providers:
             ops = ", ".join(component.details.get("cuda_only_ops", ())) or "its fused ops"
@@ -66,7 +136,7 @@ class OnnxRuntimeSession:
                 f"run it with onnxruntime-gpu on an NVIDIA GPU (--device cuda), or re-export without --optimize gpu"
             )
         try:
-            self._session = ort.InferenceSession(str(path), so, providers=self.providers)
+            self._session = create_session(path, self.providers, threads=options.threads)
         except Exception as e:  # ORT raises its own exception types for bad files
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BackendError(f"{path}: ONNX Runtime cannot load this model ({first_line[:300]})") from None

@@ -224,19 +224,10 @@ def block_of(node_name: str) -> str:
 # --- running ---------------------------------------------------------------------------------
 
 
-def ort_session(path: Path, threads: int = 0):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def run_outputs(path: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    session = ort_session(path)
+    from runtime.backends.onnxruntime import create_session
+
+    session = create_session(path)
     names = [i.name for i in session.get_inputs()]
     return [session.run(None, {k: f[k] for k in names}) for f in feeds]
 

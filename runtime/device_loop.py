@@ -40,6 +40,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from runtime.numerics import check_finite
+
 __all__ = [
     "PlanError",
     "DeviceLoopUnsupported",
@@ -513,11 +515,12 @@ class DeviceLoop:
     """
 
     def __init__(self, model_path: str | Path, providers: Sequence, *, cuda_graph: bool = True, threads: int = 0,
-                 device_id: int = 0):
+                 device_id: int = 0, precision: str | None = None):
         import onnxruntime as ort
 
         self._ort = ort
         self.model_path = str(model_path)
+        self.precision = precision  # named when the U-Net's output is not finite
         names = [_provider_name(p) for p in providers] or ["CPUExecutionProvider"]
         if names[0] not in _DEVICE_PROVIDERS:
             raise DeviceLoopUnsupported(f"the device loop runs on the CUDA or CPU provider, not {names[0]}")
@@ -552,7 +555,7 @@ class DeviceLoop:
         providers = resolve_providers(options)
         device_id = int(options.extra.get("device_id", 0))
         return cls(Path(root) / component.main_file.path, providers, cuda_graph=cuda_graph,
-                   threads=options.threads, device_id=device_id)
+                   threads=options.threads, device_id=device_id, precision=component.precision)
 
     def _session(self, model: str | bytes, cuda_graph: bool = False):
         from runtime.backends.onnxruntime import create_session
@@ -706,7 +709,9 @@ class DeviceLoop:
             if callback is not None:
                 callback(i, float(t), self._download("latents (callback)", sets[1 - parity][0]))
         final = sets[len(plan.steps) % 2][0]
-        return self._download("latents", final).astype(F32, copy=False)
+        result = self._download("latents", final).astype(F32, copy=False)
+        check_finite("unet", result, self.precision)
+        return result
 
     def _unet_io(self, n, batch, shape, extra_channels, embeddings, cfg, sample_dtype, t_dtype, out_dtype,
                  constants) -> dict:

@@ -408,3 +408,95 @@ def test_cuda_graph_loop_matches_numpy_loop(pipe, artifact, scheduler):
     np.testing.assert_allclose(second, first, rtol=0, atol=1e-5 * scale)
     assert cuda.cuda_graph_status == "on", cuda.cuda_graph_status
     assert dict(cuda.transfers.downloads) == {"latents": 2}
+
+
+# --- fp16 safety (issue 17, item 4) -----------------------------------------------------------------
+
+
+def _overflowing_fp16_model(path: Path, inputs: dict, output: tuple, upscale: int = 1) -> Path:
+    """A graph with an fp16 activation (float32 at its boundary, as --precision fp16 writes it) that
+    overflows: first input x 1e6 stored as fp16 is inf where the input is not small. (ONNX Runtime's CPU
+    provider computes fp16 Mul in float32, so the overflow is made where the value is stored.)"""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    first = next(iter(inputs))
+    k = numpy_helper.from_array(np.array([1e6], np.float32), "k")
+    nodes = [helper.make_node("Mul", [first, "k"], ["h"]),
+             helper.make_node("Cast", ["h"], ["h16"], to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["h16"], ["y"], to=TensorProto.FLOAT)]
+    inits = [k]
+    if upscale > 1:  # a "VAE decoder": latents [B, 4, h, w] -> pixels [B, 3, 8h, 8w]
+        inits += [numpy_helper.from_array(np.array([1, 1, upscale, upscale], np.float32), "scales"),
+                  numpy_helper.from_array(np.array([0], np.int64), "c0"),
+                  numpy_helper.from_array(np.array([3], np.int64), "c3"),
+                  numpy_helper.from_array(np.array([1], np.int64), "ax")]
+        nodes[-1].output[0] = "y0"
+        nodes += [helper.make_node("Resize", ["y0", "", "scales"], ["y1"], mode="nearest"),
+                  helper.make_node("Slice", ["y1", "c0", "c3", "ax"], ["y"])]
+    nodes[-1].output[0] = output[0]
+    graph = helper.make_graph(nodes, "overflow", [helper.make_tensor_value_info(n, t, s) for n, (t, s) in inputs.items()],
+                              [helper.make_tensor_value_info(output[0], TensorProto.FLOAT, output[1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_check_finite_names_the_component_and_the_remedy():
+    from runtime.numerics import NumericsError, check_finite
+
+    check_finite("unet", np.ones((1, 4, 2, 2), F32), "fp16")
+    check_finite("text_encoder", np.array([1, 2], np.int64))
+    bad = np.ones((1, 3, 2, 2), F32)
+    bad[0, 0, 0, 0], bad[0, 1, 0, 0] = np.nan, np.inf
+    with pytest.raises(NumericsError, match=r"^vae_decoder \(fp16\) produced 1 NaN and 1 inf of 12 values; "
+                                            r"no image written: re-export vae_decoder with --precision fp32 \(an fp32 VAE"):
+        check_finite("vae_decoder", bad, "fp16")
+    with pytest.raises(NumericsError, match=r"unet \(fp32\) .* the component is fp32"):
+        check_finite("unet", bad, "fp32")
+
+
+def test_fp16_overflow_stops_the_device_loop(tmp_path):
+    from onnx import TensorProto
+
+    from runtime.numerics import NumericsError
+
+    path = _overflowing_fp16_model(tmp_path / "unet.onnx", {
+        "sample": (TensorProto.FLOAT, ["N", 4, 8, 8]), "timestep": (TensorProto.FLOAT, ["N"]),
+        "encoder_hidden_states": (TensorProto.FLOAT, ["N", 77, 32])}, ("out_sample", ["N", 4, 8, 8]))
+    loop = DeviceLoop(path, ["CPUExecutionProvider"], precision="fp16")
+    sched = scheduler_from_config(SD_CONFIG, "euler")
+    sched.set_timesteps(2)
+    gen = np.random.default_rng(0)
+    latents = gen.standard_normal((1, 4, 8, 8)).astype(F32) * F32(sched.init_noise_sigma)
+    embeddings = gen.standard_normal((2, 77, 32)).astype(F32)
+    with pytest.raises(NumericsError, match=r"^unet \(fp16\) produced .*re-export unet with --precision fp32"):
+        loop.denoise(sched, sched.timesteps, latents, embeddings, guidance_scale=7.5, rng=make_rng(0, "numpy"))
+
+
+@pytest.mark.skipif(not hasattr(__import__("runtime.pipeline").pipeline, "check_finite"),
+                    reason="runtime/pipeline.py does not call runtime.numerics.check_finite yet")
+def test_fp16_vae_overflow_stops_the_pipeline_before_any_image(artifact, tmp_path):
+    import dataclasses
+    import shutil
+
+    from onnx import TensorProto
+
+    from runtime import Pipeline
+    from runtime.manifest import FileRef, Manifest
+    from runtime.numerics import NumericsError
+
+    root = tmp_path / "artifact"
+    shutil.copytree(artifact, root)
+    manifest = Manifest.load(root)
+    decoder = manifest.component("vae_decoder")
+    shutil.rmtree(root / "vae_decoder")
+    (root / "vae_decoder").mkdir()
+    path = _overflowing_fp16_model(root / "vae_decoder" / "model.onnx", {"latent_sample": (TensorProto.FLOAT, ["B", 4, "h", "w"])},
+                                   ("sample", ["B", 3, "H", "W"]), upscale=8)
+    components = {**manifest.components, "vae_decoder": dataclasses.replace(
+        decoder, files=(FileRef.of(root, path),), precision="fp16")}
+    dataclasses.replace(manifest, components=components).write(root)
+    pipe = Pipeline.from_dir(root, options={"device": "cpu"})
+    with pytest.raises(NumericsError, match=r"^vae_decoder \(fp16\) produced .*inf.*fp32 VAE"):
+        pipe.generate(PROMPT, NEGATIVE, steps=2, seed=SEED, height=64, width=64)

@@ -348,16 +348,13 @@ def check_loadable(model: onnx.ModelProto, workdir: Path | None = None) -> str:
     """The checks ONNX Runtime makes when it loads a model, on this machine's CPU: onnx.checker, then a
     CPU session, which may stop only at a missing kernel (the CUDA-only fused ops). Returns "loads"
     or "loads up to CUDA-only kernels"; raises ExportError naming what ONNX Runtime refused."""
-    import onnxruntime as ort
+    from runtime.backends.onnxruntime import create_session
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only loading is checked
-    so.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="sdexport-check-", dir=workdir) as scratch:
         source = model.SerializeToString() if _fits_proto(model) else str(_save(model, Path(scratch) / "check.onnx"))
         try:
             onnx.checker.check_model(model if isinstance(source, bytes) else source)
-            ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+            create_session(source, optimization="none")  # only loading is checked
         except Exception as e:
             message = str(e).strip()
             if isinstance(e, onnx.checker.ValidationError) or not any(s in message for s in _CUDA_ONLY_REFUSALS):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 
@@ -25,6 +26,20 @@ def psnr(reference: np.ndarray, test: np.ndarray, peak: float | None = None) -> 
     if peak is None:
         peak = float(ref.max() - ref.min()) or 1.0
     return 10.0 * math.log10(peak * peak / mse)
+
+
+def pooled_psnr(reference: Sequence[np.ndarray], test: Sequence[np.ndarray],
+                peak: float | None = None) -> tuple[float, float]:
+    """PSNR of many (reference, test) pairs judged as one tensor, and of the worst single pair.
+
+    Pooling weighs every element once and (``peak`` None) takes the peak from the whole reference
+    set, so one pair with a small value range cannot dominate; the worst pair shows what pooling
+    averages away. Used by the quantizer's parity gate and by ``sdexport quality``."""
+    if len(reference) != len(test) or not len(reference):
+        raise ValueError(f"pooled_psnr needs pairs: {len(reference)} references, {len(test)} tests")
+    ref_all = np.concatenate([np.asarray(r, np.float64).ravel() for r in reference])
+    out_all = np.concatenate([np.asarray(t, np.float64).ravel() for t in test])
+    return psnr(ref_all, out_all, peak), min(psnr(r, t, peak) for r, t in zip(reference, test))
 
 
 def ssim(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:

@@ -105,3 +105,27 @@ def test_reference_of_another_model(capsys, tmp_path, tmp_path_factory, tiny_sd1
     artifact = exported(tmp_path_factory, tiny_sd1, *STATIC)
     code, err = run_cli(capsys, "quality", artifact, "--reference", tiny_inpaint, "--out", tmp_path / "q")
     assert_one_line_error(code, err, "does not match", "unet_in_channels")
+
+
+def test_one_pooled_psnr_for_quality_and_the_quantizer():
+    """sdexport quality and the quantizer's parity gate compare outputs the same way (runtime.metrics)."""
+    import numpy as np
+
+    from runtime.metrics import pooled_psnr, psnr
+    from sdexport.measure.quality import compare_outputs
+    from sdexport.quantize.onnx import compare
+
+    rng = np.random.default_rng(0)
+    # a small-range pair and a large-range one: pooling takes the peak over both
+    reference = [rng.standard_normal((2, 4, 8, 8)) * 0.01, rng.standard_normal((2, 4, 8, 8)) * 10]
+    test = [r + rng.standard_normal(r.shape) * 0.001 for r in reference]
+    pooled, worst = pooled_psnr(reference, test)
+    both = np.concatenate([r.ravel() for r in reference]), np.concatenate([t.ravel() for t in test])
+    assert pooled == psnr(*both)
+    assert worst == min(psnr(r, t) for r, t in zip(reference, test)) < pooled
+    q = compare_outputs(reference, test)
+    assert (q["psnr_db"], q["psnr_db_worst_input"], q["finite"]) == (pooled, worst, True)
+    gate = compare([[r, 2 * r] for r in reference], [[t, 2 * t] for t in test])
+    assert gate == {"psnr_db": pooled, "psnr_db_worst_input": worst}
+    assert pooled_psnr(reference, reference) == (math.inf, math.inf)
+    assert compare_outputs(reference, [test[0], test[1] * np.inf])["finite"] is False

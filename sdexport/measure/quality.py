@@ -30,7 +30,7 @@ import numpy as np
 
 from runtime.files import write_file_atomic
 from runtime.manifest import Manifest
-from runtime.metrics import finite, max_abs_error, psnr, ssim
+from runtime.metrics import finite, max_abs_error, pooled_psnr, psnr, ssim
 from sdexport.errors import OptionError
 
 SCHEMA = "sdexport-quality/1"
@@ -102,16 +102,14 @@ def tensor_ssim(reference: np.ndarray, test: np.ndarray) -> float | None:
 
 def compare_outputs(reference: list[np.ndarray], test: list[np.ndarray]) -> dict:
     """One output over many inputs: pooled PSNR (all inputs as one tensor), worst single input, SSIM."""
-    ref_all = np.concatenate([np.asarray(r, np.float64).ravel() for r in reference])
-    out_all = np.concatenate([np.asarray(t, np.float64).ravel() for t in test])
-    per_input = [psnr(r, t) for r, t in zip(reference, test)]
+    pooled, worst = pooled_psnr(reference, test)
     ssims = [s for s in (tensor_ssim(r, t) for r, t in zip(reference, test)) if s is not None]
     return {
-        "psnr_db": finite(psnr(ref_all, out_all)),
-        "psnr_db_worst_input": finite(min(per_input)),
+        "psnr_db": finite(pooled),
+        "psnr_db_worst_input": finite(worst),
         "ssim": float(np.mean(ssims)) if ssims else None,
         "max_abs_err": max(max_abs_error(r, t) for r, t in zip(reference, test)),
-        "finite": bool(np.isfinite(out_all).all()),
+        "finite": all(bool(np.isfinite(t).all()) for t in test),
     }
 
 
@@ -353,8 +351,8 @@ def run_quality(artifact: str | Path, reference: str | Path, config: QualityConf
         runs = end_to_end(pipe, source, config, height, width, cache, bar) if config.end_to_end else []
 
     psnrs = [_psnr_key(r["psnr_db"]) for r in runs]
-    pooled = finite(psnr(np.stack([r["_images"][0] for r in runs]).astype(np.float64),
-                         np.stack([r["_images"][1] for r in runs]).astype(np.float64), peak=255.0)) if runs else None
+    pooled = finite(pooled_psnr([r["_images"][0] for r in runs], [r["_images"][1] for r in runs],
+                                peak=255.0)[0]) if runs else None
     result = {
         "schema": SCHEMA,
         "artifact": str(artifact),

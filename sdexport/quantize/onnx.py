@@ -234,14 +234,10 @@ def run_outputs(path: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[l
 
 def compare(reference: list[list[np.ndarray]], test: list[list[np.ndarray]]) -> dict:
     """PSNR of each output pooled over all feeds (the worst output decides), and the worst single feed."""
-    from runtime.metrics import finite, psnr
+    from runtime.metrics import finite, pooled_psnr
 
-    pooled, worst = [], []
-    for i in range(len(reference[0])):
-        ref = np.concatenate([np.asarray(r[i], np.float64).ravel() for r in reference])
-        out = np.concatenate([np.asarray(t[i], np.float64).ravel() for t in test])
-        pooled.append(psnr(ref, out))
-        worst.append(min(psnr(r[i], t[i]) for r, t in zip(reference, test)))
+    pooled, worst = zip(*(pooled_psnr([r[i] for r in reference], [t[i] for t in test])
+                          for i in range(len(reference[0]))))
     return {"psnr_db": finite(min(pooled)), "psnr_db_worst_input": finite(min(worst))}
 
 

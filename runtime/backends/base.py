@@ -56,10 +56,6 @@ _NP_DTYPES = {
 }
 
 
-def numpy_dtype(name: str):
-    return _NP_DTYPES[name]
-
-
 def check_feeds(component: Component, feeds: Mapping[str, np.ndarray], specs: Sequence[TensorSpec] | None = None) -> dict[str, np.ndarray]:
     """Names, ranks and fixed dimensions as the manifest says; dtypes converted to the declared ones.
 

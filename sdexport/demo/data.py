@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -266,9 +266,3 @@ def training_caption(scene: Scene, rng: np.random.Generator, p_drop: float = 0.1
         scene.position if keep[1] else None,
         scene.background if keep[2] else None,
     )
-
-
-def iter_batches(n_images: int, seed: int, split: str = "train") -> Iterator[tuple[Scene, np.ndarray]]:
-    """(scene, uint8 [H, W, 3]) pairs, generated lazily."""
-    for scene in scenes(n_images, seed, split):
-        yield scene, np.asarray(render(scene))

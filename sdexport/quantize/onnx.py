@@ -620,15 +620,6 @@ def calibration_feeds(spec, module, options, settings=None) -> tuple[list[dict],
     return feeds, info
 
 
-def validation_feeds(spec, module, options, samples: int = 4) -> list[dict]:
-    """Held-out recorded inputs (the calibration seed + 1) for the parity gate of a calibrated
-    component: random example inputs lie outside the calibrated activation ranges and measure
-    clipping that real inputs never see."""
-    base = calibration_settings(options)
-    settings = dataclasses.replace(base, seed=base.seed + 1, samples=samples, per_prompt=min(base.per_prompt, samples))
-    return calibration_feeds(spec, module, options, settings)[0]
-
-
 def eval_subset(feeds: Sequence[Mapping[str, np.ndarray]], n: int = 8) -> list:
     """``n`` feeds spread over the calibration set (over timesteps, since feeds are recorded in order)."""
     if len(feeds) <= n:

@@ -14,14 +14,14 @@
   ``weights.json`` written next to the engine). Engines built weight-stripped are refitted from their
   ONNX file when they open.
 
-Everything that does not need TensorRT or a GPU (compatibility, profile checks, refit-set mapping,
-safetensors reading) is plain numpy/json code in this module and tested on any machine.
+Everything that does not need TensorRT or a GPU (compatibility, profile checks, refit-set mapping)
+is plain numpy/json code in this module and tested on any machine; refit sets are read with
+``runtime.safetensors``.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +29,8 @@ import numpy as np
 
 from runtime.backends.base import BackendError, SessionOptions, check_feeds
 from runtime.manifest import MANIFEST_NAME, Component, TensorSpec
+from runtime.safetensors import SafetensorsError
+from runtime.safetensors import load as load_safetensors
 
 __all__ = [
     "EngineRecord",
@@ -147,37 +149,12 @@ def check_profile(component: Component, feeds: Mapping[str, np.ndarray], vae_sca
 # Refit sets: safetensors keyed by diffusers names -> engine weights
 # =============================================================================================
 
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
-                       "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """A .safetensors file as numpy arrays (bf16 widened to float32), without the safetensors package."""
-    path = Path(path)
+    """A refit set's arrays (bf16 widened to float32), read with the runtime's safetensors reader."""
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise BackendError(f"{path}: cannot read the refit set ({e.strerror or e})") from None
-    try:
-        (length,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + length])
-    except (struct.error, ValueError) as e:
-        raise BackendError(f"{path}: not a safetensors file ({e})") from None
-    body = memoryview(data)[8 + length:]
-    out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = entry["data_offsets"]
-        raw = body[start:end]
-        if entry["dtype"] == "BF16":
-            array = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif entry["dtype"] in _SAFETENSORS_DTYPES:
-            array = np.frombuffer(raw, _SAFETENSORS_DTYPES[entry["dtype"]])
-        else:
-            raise BackendError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        out[name] = array.reshape(entry["shape"]).copy()
-    return out
+        return load_safetensors(path)
+    except SafetensorsError as e:
+        raise BackendError(str(e)) from None
 
 
 def refit_arrays(refit_set: Mapping[str, np.ndarray], weight_map: Mapping[str, Any],

@@ -8,11 +8,15 @@ one line on stderr and exit status 2; nothing half-written is left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 EXIT_USAGE = 2
 
@@ -580,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("SDEXPORT_DEBUG") == "1"
     try:
         args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
+        with _third_party_quiet(args):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("sdexport: interrupted", file=sys.stderr)
         return 130
@@ -612,6 +617,37 @@ _EXTRAS = {
 
 def _extra_for(module: str | None) -> str | None:
     return _EXTRAS.get((module or "").split(".")[0])
+
+
+# Commands that import no third-party library that prints (a runtime-only install has none to quiet).
+_TORCH_FREE_COMMANDS = ("generate", "inspect", "profiles")
+
+
+@contextlib.contextmanager
+def _third_party_quiet(args) -> Iterator[None]:
+    """``--quiet`` also silences diffusers, transformers and the libraries under them: their progress bars
+    (which leave cursor-up debris in logs), notices and warnings. Their settings are restored afterwards."""
+    if not getattr(args, "quiet", False) or args.command in _TORCH_FREE_COMMANDS:
+        yield
+        return
+    restore = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            logging = importlib.import_module(name)
+        except ImportError:
+            continue  # the command itself then says which extra to install
+        restore.append((logging, logging.get_verbosity(), logging.is_progress_bar_enabled()))
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore")
+            warnings.filterwarnings("default", module=r"(sdexport|runtime)(\.|$)")
+            yield
+    finally:
+        for logging, level, bars in restore:
+            logging.set_verbosity(level)
+            (logging.enable_progress_bar if bars else logging.disable_progress_bar)()
 
 
 def _one_line(e: BaseException) -> str:

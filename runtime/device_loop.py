@@ -53,6 +53,10 @@ __all__ = [
     "DeviceLoop",
     "prepare_graph",
     "combine_graph",
+    "CUDA_KERNEL_OPS",
+    "graph_capture_blockers",
+    "node_placements",
+    "symbolic_sizes",
 ]
 
 F32 = np.float32
@@ -504,6 +508,70 @@ def _provider_name(p) -> str:
     return p[0] if isinstance(p, tuple) else p
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+#: the op types prepare_graph/combine_graph may use: each has a CUDA kernel for float32/float16 data and
+#: int64 indices (onnxruntime docs/OperatorKernels.md, CUDAExecutionProvider), so the step runs on the GPU
+CUDA_KERNEL_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Concat", "Expand", "Gather", "Reshape", "ReduceSum",
+                             "Split", "Squeeze", "Unsqueeze"})
+
+
+def graph_capture_blockers(placements: Sequence[tuple[str, str, str]], target: str = "CUDAExecutionProvider") -> str | None:
+    """Why ONNX Runtime will refuse to capture a graph on ``target``, from (node, op type, provider)
+    triples, or None. Its rule (InferenceSession::Initialize): every node on ``target`` or on the CPU,
+    and no Memcpy node -- CPU nodes are fine only as shape computations that never copy to the device."""
+    memcpy = [name for name, op, _ in placements if op.startswith("Memcpy")]
+    foreign = [f"{name} ({op}) on {ep}" for name, op, ep in placements
+               if ep not in (target, "CPUExecutionProvider") and not op.startswith("Memcpy")]
+    reasons = []
+    if foreign:
+        reasons.append(f"{len(foreign)} node(s) on other providers: {', '.join(foreign[:3])}")
+    if memcpy:
+        on_cpu = [f"{name} ({op})" for name, op, ep in placements if ep == "CPUExecutionProvider"]
+        reasons.append(f"{len(memcpy)} host/device copies around {len(on_cpu)} CPU node(s)"
+                       + (f" such as {', '.join(on_cpu[:3])}" if on_cpu else ""))
+    return "; ".join(reasons) or None
+
+
+def node_placements(model: str | bytes, providers: Sequence, feeds: Mapping[str, np.ndarray], so=None) -> list[tuple[str, str, str]]:
+    """(node, op type, provider) for every node ONNX Runtime ran, read from one profiled run (the
+    session API does not expose the assignment; the profile does, Memcpy nodes included)."""
+    import json
+    import os
+
+    import onnxruntime as ort
+
+    so = so or ort.SessionOptions()
+    so.enable_profiling = True
+    session = ort.InferenceSession(model, so, providers=list(providers))
+    session.run(None, dict(feeds))
+    path = session.end_profiling()
+    try:
+        events = json.loads(Path(path).read_text())
+    finally:
+        os.remove(path)
+    seen: dict[str, tuple[str, str, str]] = {}
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and "provider" in args and event["name"].endswith("_kernel_time"):
+            name = event["name"][: -len("_kernel_time")]
+            seen.setdefault(name, (name, args.get("op_name", "?"), args["provider"]))
+    return list(seen.values())
+
+
+def symbolic_sizes(inputs: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """The values of the symbolic dimensions of ``inputs`` (ORT NodeArg metadata) for these shapes."""
+    dims: dict[str, int] = {}
+    for name, shape in shapes.items():
+        if name in inputs:
+            for dim, value in zip(inputs[name].shape, shape):
+                if isinstance(dim, str):
+                    dims[dim] = int(value)
+    return dims
+
+
 class DeviceLoop:
     """Runs the denoising loop of one U-Net with everything on the provider's device.
 
@@ -529,8 +597,12 @@ class DeviceLoop:
         self.threads = threads
         self.transfers = TransferLog()
         self.cuda_graph_status = "off"
-        want_graph = cuda_graph and self.device == "cuda"
-        self.unet = self._open_unet(want_graph)
+        self._want_graph = cuda_graph and self.device == "cuda"
+        self._plain_unet = None  # a U-Net session without a graph, for shapes a graph cannot take
+        # "session": the U-Net session replays graphs; "static": one graph session per shape with the
+        # sizes fixed; "off": plain runs
+        self._graph_mode = "off"
+        self.unet = self._open_unet(self._want_graph)
         self._inputs = {i.name: i for i in self.unet.get_inputs()}
         self._outputs = [o.name for o in self.unet.get_outputs()]
         self._small: dict[tuple, Any] = {}
@@ -567,12 +639,52 @@ class DeviceLoop:
         if cuda_graph:
             try:
                 session = self._session(self.model_path, cuda_graph=True)
-                self.cuda_graph_status = "on"
+                self.cuda_graph_status, self._graph_mode = "on", "session"
                 return session
             except Exception as e:  # e.g. nodes ORT placed on the CPU: a CUDA graph cannot hold them
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                self.cuda_graph_status = f"off: ONNX Runtime refused CUDA graph capture ({first[:200]})"
-        return self._session(self.model_path)
+                self.cuda_graph_status = f"off: ONNX Runtime refused CUDA graph capture ({_first_line(e)})"
+                self._graph_mode = "static"
+        self._plain_unet = self._session(self.model_path)
+        return self._plain_unet
+
+    def _plain(self):
+        if self._plain_unet is None:
+            self._plain_unet = self._session(self.model_path)
+        return self._plain_unet
+
+    def _static_graph_unet(self, dims: Mapping[str, int]):
+        """The U-Net with its symbolic dimensions fixed to this run's sizes, for a CUDA graph, or None.
+
+        With symbolic sizes the exported graph computes shapes at run time (Shape -> Gather -> Cast ->
+        Sqrt for the attention scale ...): ORT runs those on the CPU and copies between host and
+        device, which a CUDA graph cannot hold. A graph is captured per shape anyway, and with the sizes
+        fixed ORT's constant folding removes those nodes, so the whole graph can stay on CUDA.
+        """
+        from runtime.backends.onnxruntime import provider_entries, session_options
+
+        so = session_options(self.threads, "all")
+        for name, value in dims.items():
+            so.add_free_dimension_override_by_name(name, int(value))
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        try:
+            session = self._ort.InferenceSession(self.model_path, so, providers=provider_entries(providers, self.device_id, True))
+        except Exception as e:
+            self.cuda_graph_status = f"off: ONNX Runtime refused CUDA graph capture, also with fixed sizes ({_first_line(e)})"
+            self._graph_mode = "off"
+            return None
+        fixed = ", ".join(f"{k}={v}" for k, v in dims.items())
+        self.cuda_graph_status = f"on (sizes fixed: {fixed})" if fixed else "on"
+        return session
+
+    def _session_for(self, shapes: Mapping[str, Sequence[int]]):
+        """(session, whether it replays a CUDA graph) for U-Net inputs of these shapes."""
+        if self._graph_mode == "session":
+            return self.unet, True
+        if self._graph_mode == "static":
+            session = self._static_graph_unet(symbolic_sizes(self._inputs, shapes))
+            if session is not None:
+                return session, True
+        return self._plain(), False
 
     def _small_session(self, key: tuple, model: bytes):
         if key not in self._small:
@@ -701,8 +813,7 @@ class DeviceLoop:
             parity = i % 2
             self._upload("step", np.array([i], np.int64), into=step)
             prepare.run_with_iobinding(prepare_bindings[parity])
-            for binding, run_options in unet["runs"]:
-                self.unet.run_with_iobinding(binding, run_options)
+            self._run_unet(unet)
             if plan.steps[i].noise:
                 self._upload("noise", rng.randn(noise_shape).astype(F32, copy=False), into=noise)
             combine.run_with_iobinding(combine_bindings[parity])
@@ -731,17 +842,10 @@ class DeviceLoop:
             io["outputs"] = {("unet_out" if half is None else f"unet_out_{half}"): self._empty(out_shape, out_dtype)
                              for half in halves}
             io["constants"] = {name: self._empty(value.shape, self.input_type(name)) for name, value in constants.items()}
-            runs = []
-            for half in halves:
-                b = self.unet.io_binding()
-                b.bind_ortvalue_input("sample", io["sample"])
-                b.bind_ortvalue_input("timestep", io["timestep"])
-                b.bind_ortvalue_input("encoder_hidden_states", io["embeddings"][half])
-                for name, value in io["constants"].items():
-                    b.bind_ortvalue_input(name, value)
-                b.bind_ortvalue_output(self._outputs[0], io["outputs"]["unet_out" if half is None else f"unet_out_{half}"])
-                runs.append((b, self._run_options()))
-            io["runs"] = runs
+            shapes = {"sample": (n, c + extra_channels, h, w), "timestep": (n,),
+                      "encoder_hidden_states": (emb_rows, *embeddings.shape[1:]),
+                      **{name: value.shape for name, value in constants.items()}}
+            self._bind_unet(io, *self._session_for(shapes))
             self._unet_buffers[key] = io
         # the text embeddings change per prompt: written into the bound buffers, addresses kept
         if cfg == "sequential":
@@ -757,9 +861,34 @@ class DeviceLoop:
         dims = self.unet.get_outputs()[0].shape
         return dims[1] if isinstance(dims[1], int) else latent_channels
 
+    def _bind_unet(self, io: dict, session, graph: bool) -> None:
+        io["session"], io["graph"], runs = session, graph, []
+        for half in io["embeddings"]:
+            b = session.io_binding()
+            b.bind_ortvalue_input("sample", io["sample"])
+            b.bind_ortvalue_input("timestep", io["timestep"])
+            b.bind_ortvalue_input("encoder_hidden_states", io["embeddings"][half])
+            for name, value in io["constants"].items():
+                b.bind_ortvalue_input(name, value)
+            b.bind_ortvalue_output(self._outputs[0], io["outputs"]["unet_out" if half is None else f"unet_out_{half}"])
+            runs.append((b, self._run_options() if graph else None))
+        io["runs"] = runs
+
+    def _run_unet(self, io: dict) -> None:
+        """The U-Net call(s) of one step; a CUDA graph that fails to capture or replay is dropped for
+        plain runs (same buffers), with the reason in :attr:`cuda_graph_status`: never a failed generation."""
+        try:
+            for binding, run_options in io["runs"]:
+                io["session"].run_with_iobinding(binding, run_options)
+        except Exception as e:
+            if not io["graph"]:
+                raise
+            self.cuda_graph_status = f"off: CUDA graph capture failed at run time ({_first_line(e)})"
+            self._graph_mode = "off"
+            self._bind_unet(io, self._plain(), False)
+            self._run_unet(io)
+
     def _run_options(self):
-        if self.cuda_graph_status != "on":
-            return None
         options = self._ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
         self._graph_ids += 1

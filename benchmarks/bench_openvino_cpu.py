@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,24 +56,6 @@ SETTINGS = [
     ("OpenVINO int8-static, f32 hint", "int8-static", "f32"),
     ("OpenVINO int8-static, bf16 hint", "int8-static", "bf16"),
 ]
-
-COLD_START_CHILD = r"""
-import json, sys, time
-t0 = time.perf_counter()
-from runtime import Pipeline
-import runtime.pipeline  # noqa: F401  (its import cost is part of the start)
-t_import = time.perf_counter() - t0
-pipe = Pipeline.from_dir(sys.argv[1], options=json.loads(sys.argv[2]))
-pipe.warmup()
-t_open = time.perf_counter() - t0 - t_import
-image = pipe(sys.argv[3], steps=int(sys.argv[4]), scheduler=sys.argv[5], seed=1, rng="torch",
-             height=int(sys.argv[6]), width=int(sys.argv[6]))
-image.save(sys.argv[7])
-hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
-print(json.dumps({"import_s": t_import, "open_s": t_open, "total_in_process_s": time.perf_counter() - t0,
-                  "peak_rss_mb": int(hwm[0].split()[1]) / 1024 if hwm else None}))
-"""
-
 
 def export_static(src: Path, out: Path, target: str, precision: str, size: int, calibration: dict) -> float | None:
     """Static export (size x size, one prompt per call); returns seconds, or None when cached."""
@@ -139,17 +119,11 @@ def artifact_sizes(directory: Path) -> dict:
 
 
 def cold_start(artifact: Path, options: dict, cache: Path | None, args, size: int, out_png: Path) -> dict:
-    opts = dict(options, cache_dir=str(cache) if cache else "")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", COLD_START_CHILD, str(artifact), json.dumps(opts), PROMPT,
-                           str(args.steps), args.scheduler, str(size), str(out_png)],
-                          capture_output=True, text=True, env=env, cwd=str(ROOT))
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"cold-start child failed: {proc.stderr.strip().splitlines()[-1:]}")
-    inner = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, **inner}
+    """The shared harness (sdexport.measure.cold_start), warmed up and seeded like the timed runs."""
+    from sdexport.measure.cold_start import cold_start as measure
+
+    return measure("runtime", artifact, PROMPT, steps=args.steps, height=size, width=size, scheduler=args.scheduler,
+                   options=dict(options, cache_dir=str(cache) if cache else ""), warmup=True, seed=1, save=out_png)
 
 
 def main() -> None:

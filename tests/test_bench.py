@@ -63,3 +63,20 @@ def test_reference_with_other_weights_is_refused(capsys, artifact, tmp_path):
     other = save_tiny_pipeline(tmp_path / "other", "sd1", seed=7)
     code, err = run_cli(capsys, "bench", artifact, "--reference", other, "--out", tmp_path / "b")
     assert_one_line_error(code, err, "does not match the artifacts", "text encoders disagree")
+
+
+def test_cold_start_harness(artifact, tmp_path):
+    """The one child-process harness (sdexport bench and the benchmark scripts): phases, memory, the image."""
+    from pathlib import Path
+
+    from sdexport.measure.cold_start import cold_start
+
+    r = cold_start("runtime", artifact, "a red circle", steps=2, height=64, width=64, scheduler="euler",
+                   options={"threads": 1}, warmup=True, seed=1, save=tmp_path / "cold.png")
+    assert 0 < r["import_s"] and 0 < r["open_s"] and r["import_s"] + r["open_s"] < r["total_in_process_s"]
+    assert r["total_in_process_s"] <= r["seconds"] <= r["wall_s"] and r["peak_rss_mb"] > 10
+    assert (tmp_path / "cold.png").stat().st_size > 100
+    root = Path(__file__).resolve().parents[1]
+    spawners = [p for folder in ("sdexport/measure", "benchmarks") for p in (root / folder).glob("*.py")
+                if 'sys.executable, "-c"' in p.read_text() and p.name not in ("cold_start.py", "bench_merge.py")]
+    assert not spawners, f"a second cold-start harness: {spawners}"

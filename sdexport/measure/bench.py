@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from runtime.metrics import finite, max_abs_error, psnr, ssim
 from runtime.pipeline import Pipeline
 from sdexport.export.components import model_info
 from sdexport.errors import SourceError
+from sdexport.measure.cold_start import cold_start
 from sdexport.measure.machine import machine_info
 from sdexport.measure.reference_schedulers import use_scheduler
 from sdexport.sources.diffusers import DiffusersSource
@@ -91,41 +91,6 @@ def _inpaint_inputs(height: int, width: int):
                                       np.full_like(x, 128)], -1).astype(np.uint8))
     mask = Image.fromarray(((abs(x - width / 2) < width / 4) & (abs(y - height / 2) < height / 4)).astype(np.uint8) * 255)
     return image, mask
-
-
-_COLD_RUNTIME = """
-import sys, time
-start = float(sys.argv[1])
-from sdexport.measure.machine import peak_rss_kb
-from runtime.pipeline import Pipeline
-pipe = Pipeline.from_dir(sys.argv[2])
-pipe.generate(sys.argv[3], steps=int(sys.argv[4]), height=int(sys.argv[5]), width=int(sys.argv[6]), scheduler=sys.argv[7])
-print(time.time() - start, peak_rss_kb())
-"""
-
-_COLD_DIFFUSERS = """
-import sys, time
-start = float(sys.argv[1])
-from sdexport.measure.machine import peak_rss_kb
-import torch
-from sdexport.measure.bench import _reference_pipeline
-from sdexport.sources.diffusers import DiffusersSource
-pipe = _reference_pipeline(DiffusersSource.open(sys.argv[2]), sys.argv[7])
-with torch.no_grad():
-    pipe(sys.argv[3], num_inference_steps=int(sys.argv[4]), height=int(sys.argv[5]), width=int(sys.argv[6]))
-print(time.time() - start, peak_rss_kb())
-"""
-
-
-def cold_start(code: str, target: str, prompt: str, steps: int, height: int, width: int, scheduler: str) -> dict:
-    """Process start to first image in a fresh interpreter, and that process's peak resident memory."""
-    proc = subprocess.run([sys.executable, "-c", code, repr(time.time()), target, prompt, str(steps), str(height),
-                           str(width), scheduler], capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"cold-start child failed: {last}")
-    seconds, maxrss_kb = proc.stdout.strip().splitlines()[-1].split()
-    return {"seconds": float(seconds), "peak_rss_mb": int(maxrss_kb) / 1024}
 
 
 def run_bench(artifact: str | Path, reference: str | Path, config: BenchConfig = BenchConfig(), progress: bool = True) -> dict:
@@ -234,11 +199,11 @@ def _measure(pipe, ref, manifest, info, ids, text_psnr, config, height, width, a
     # --- cold start and peak memory, each engine in its own process ----------------------------
     cold = {}
     if config.cold_start:
-        args = (config.prompts[0], config.steps, height, width, config.scheduler)
+        args = dict(steps=config.steps, height=height, width=width, scheduler=config.scheduler)
         if not info.is_inpainting:
-            cold["runtime"] = cold_start(_COLD_RUNTIME, str(Path(artifact).resolve()), *args)
+            cold["runtime"] = cold_start("runtime", artifact, config.prompts[0], **args)
             bar.update()
-            cold["pytorch"] = cold_start(_COLD_DIFFUSERS, str(Path(reference).resolve()), *args)
+            cold["pytorch"] = cold_start("diffusers", reference, config.prompts[0], **args)
             bar.update()
 
     e2e_rt = [r["runtime_seconds"] for r in runs]

@@ -63,9 +63,10 @@ def export_static(src: Path, out: Path, target: str, precision: str, size: int, 
         return None
     from sdexport.export.run import export
     from sdexport.export.targets.base import ExportOptions
+    from sdexport.quantize.calibration import CalibrationSettings
 
     options = ExportOptions(target=target, precision=precision, height=size, width=size, batch=1,
-                            profile={"calibration": calibration}, overwrite=True)
+                            calibration=CalibrationSettings(**calibration), overwrite=True)
     start = time.perf_counter()
     export(src, out, options, progress=True)
     return time.perf_counter() - start

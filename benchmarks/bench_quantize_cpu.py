@@ -62,9 +62,11 @@ def export_setting(src: Path, out: Path, precision: str, quantize: dict, size: i
         return None
     from sdexport.export.run import export
     from sdexport.export.targets.base import ExportOptions
+    from sdexport.options import QuantizeOptions
+    from sdexport.quantize.calibration import CalibrationSettings
 
     options = ExportOptions(target="onnx", precision=precision, height=size, width=size, batch=1, overwrite=True,
-                            profile={"calibration": calibration, "quantize": quantize})
+                            calibration=CalibrationSettings(**calibration), quantize=QuantizeOptions(**quantize))
     start = time.perf_counter()
     export(src, out, options, progress=True)
     return time.perf_counter() - start

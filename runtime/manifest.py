@@ -23,11 +23,15 @@ __all__ = [
     "FileRef",
     "Component",
     "ModelInfo",
+    "StaticShape",
+    "RunSettings",
     "Manifest",
     "sha256_file",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: what the runtime reads is the typed ``runtime`` section (RunSettings)
+CFG_MODES = ("batched", "sequential")
+DEVICE_LOOP_MODES = ("auto", "on", "off")
 MANIFEST_NAME = "sdexport.json"
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
@@ -176,13 +180,68 @@ class ModelInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class StaticShape:
+    height: int
+    width: int
+    batch: int | None = None  # None: the batch stays dynamic
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What the runtime reads from the export besides the components: how the profile said to run it."""
+
+    cfg: str = "batched"  # "batched" (the U-Net sees 2B) or "sequential" (two calls on B)
+    backend_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # SessionOptions.from_mapping
+    device_loop: str = "auto"  # the device-resident denoising loop: auto (on CUDA), on, off
+    static_shape: StaticShape | None = None
+    guess_mode_scales: tuple[float, ...] = ()  # ControlNet guess mode: per-residual scales (diffusers' logspace)
+
+    def __post_init__(self):
+        if self.cfg not in CFG_MODES:
+            raise ManifestError(f"runtime.cfg {self.cfg!r}: use {' or '.join(CFG_MODES)}")
+        if self.device_loop not in DEVICE_LOOP_MODES:
+            raise ManifestError(f"runtime.device_loop {self.device_loop!r}: use one of {', '.join(DEVICE_LOOP_MODES)}")
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["guess_mode_scales"] = list(self.guess_mode_scales)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RunSettings":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ManifestError(f"runtime section has unknown keys: {', '.join(sorted(unknown))}")
+        data = dict(data)
+        data["static_shape"] = StaticShape(**data["static_shape"]) if data.get("static_shape") else None
+        data["guess_mode_scales"] = tuple(float(v) for v in data.get("guess_mode_scales") or ())
+        data["backend_options"] = dict(data.get("backend_options") or {})
+        return cls(**data)
+
+    @classmethod
+    def from_v1(cls, exporter: dict, profile: dict) -> "RunSettings":
+        """Schema 1 kept these in the free-form exporter and profile sections."""
+        backend = dict(profile.get("backend_options") or {})
+        static = exporter.get("static_shape")
+        return cls(
+            cfg=profile.get("cfg", "batched"),
+            backend_options={k: v for k, v in backend.items() if k != "device_loop"},
+            device_loop=str(backend.get("device_loop", "auto")),
+            static_shape=StaticShape(**static) if static else None,
+            guess_mode_scales=tuple(float(v) for v in (exporter.get("controlnet") or {}).get("guess_mode_scales") or ()),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     model: ModelInfo
     components: dict[str, Component]
     tokenizer_dir: str = "tokenizer"
     scheduler_config: str = "scheduler/scheduler_config.json"
-    exporter: dict[str, Any] = dataclasses.field(default_factory=dict)
-    profile: dict[str, Any] = dataclasses.field(default_factory=dict)
+    exporter: dict[str, Any] = dataclasses.field(default_factory=dict)  # provenance, for people
+    profile: dict[str, Any] = dataclasses.field(default_factory=dict)  # the resolved profile, for people
+    runtime: RunSettings = RunSettings()
     schema_version: int = SCHEMA_VERSION
     root: Path | None = dataclasses.field(default=None, compare=False)
 
@@ -210,6 +269,7 @@ class Manifest:
             "tokenizer": self.tokenizer_dir,
             "scheduler_config": self.scheduler_config,
             "components": {name: c.to_json() for name, c in self.components.items()},
+            "runtime": self.runtime.to_json(),
             "exporter": self.exporter,
             "profile": self.profile,
         }
@@ -229,15 +289,20 @@ class Manifest:
                 f"manifest schema version {version} is newer than this runtime understands "
                 f"({SCHEMA_VERSION}); upgrade sdexport to use this export"
             )
+        if version < 1:
+            raise ManifestError(f"manifest schema version {version} is not one this runtime reads (1..{SCHEMA_VERSION})")
         try:
+            exporter, profile = dict(data.get("exporter") or {}), dict(data.get("profile") or {})
+            run = RunSettings.from_json(data["runtime"]) if version >= 2 else RunSettings.from_v1(exporter, profile)
             return cls(
                 model=ModelInfo.from_json(data["model"]),
                 components={n: Component.from_json(n, c) for n, c in data["components"].items()},
                 tokenizer_dir=data.get("tokenizer", "tokenizer"),
                 scheduler_config=data.get("scheduler_config", "scheduler/scheduler_config.json"),
-                exporter=dict(data.get("exporter") or {}),
-                profile=dict(data.get("profile") or {}),
-                schema_version=version,
+                exporter=exporter,
+                profile=profile,
+                runtime=run,
+                schema_version=SCHEMA_VERSION,  # read as (and written back as) this version
                 root=root,
             )
         except ManifestError:

@@ -88,7 +88,7 @@ class Pipeline:
         self.manifest = manifest
         self.root = Path(manifest.root or ".")
         self.info = manifest.model
-        profile_backend = dict(manifest.profile.get("backend_options") or {})
+        profile_backend = dict(manifest.runtime.backend_options)
         if options is None:
             options = SessionOptions.from_mapping(profile_backend)
         elif not isinstance(options, SessionOptions):
@@ -96,7 +96,7 @@ class Pipeline:
                 profile_backend.pop("providers", None)  # a device chosen here replaces the profile's providers
             options = SessionOptions.from_mapping({**profile_backend, **options})
         self.options = options
-        self.cfg = cfg or manifest.profile.get("cfg", "batched")
+        self.cfg = cfg or manifest.runtime.cfg
         if self.cfg not in ("batched", "sequential"):
             raise PipelineInputError(f"cfg mode {self.cfg!r}: use batched or sequential")
         self.tokenizer = CLIPTokenizer.from_dir(self.root / manifest.tokenizer_dir)
@@ -137,7 +137,7 @@ class Pipeline:
 
         Backend option ``device_loop``: "auto" (default: on the CUDA provider), "on" (any provider
         it supports, the CPU one included), "off"."""
-        mode = str(self.options.extra.get("device_loop", "auto")).lower()
+        mode = str(self.options.extra.get("device_loop", self.manifest.runtime.device_loop)).lower()
         component = self.manifest.component("unet")
         if mode == "off" or component.backend != "onnxruntime":
             return None
@@ -411,7 +411,7 @@ class Pipeline:
         h, w = sample.shape[2], sample.shape[3]
         if isinstance(h, int) and (h * f, w * f) != (height, width):
             raise PipelineInputError(f"this export has static shapes {h * f}x{w * f}; asked for {height}x{width}")
-        static = (self.manifest.exporter.get("static_shape") or {}).get("batch")
+        static = self.manifest.runtime.static_shape.batch if self.manifest.runtime.static_shape else None
         if static and static != batch:
             raise PipelineInputError(f"this export has a static batch of {static} prompt(s); asked for {batch}")
 
@@ -469,7 +469,7 @@ class Pipeline:
             control_input, control_embeddings = model_input, embeddings
         total = None
         n = control_input.shape[0]
-        scales_guess = self.manifest.exporter.get("controlnet", {}).get("guess_mode_scales")
+        scales_guess = self.manifest.runtime.guess_mode_scales or None
         for control, cond, keep in state["nets"]:
             scale = F32(control.scale * keep[i])
             component = self.manifest.component(f"controlnet/{control.name}")

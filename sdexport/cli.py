@@ -56,17 +56,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_export(args) -> int:
+    from sdexport import options as declared
     from sdexport import profile
     from sdexport.export.run import export
 
+    flags = declared.flag_values(args)
+    head, shapes, cfg = flags.pop("", {}), flags.pop("shapes", {}), flags.pop("cfg", {})
     options = profile.resolve(
         args.profile,
-        target=args.target,
-        precision=args.precision,
-        height=args.height,
-        width=args.width,
-        batch=args.batch,
-        cfg=args.cfg,
+        **head,
+        **shapes,
+        cfg=cfg.get("mode"),
+        sections=flags,
         controlnets=tuple(args.controlnet or ()),
         loras=tuple(args.lora or ()),
         source_config=args.config,
@@ -76,66 +77,10 @@ def cmd_export(args) -> int:
         overwrite=args.overwrite,
         dry_run=args.dry_run,
     )
-    options = _with_quantize_flags(options, args)
-    options = _coreml_flags(args, options)
-    options = _gpu_flags(args, options)
     manifest = export(args.source, args.out, options, progress=not args.quiet, command=sys.argv[1:])
     if not args.quiet:
         print(describe(manifest))
     return 0
-
-
-def _with_quantize_flags(options, args):
-    """--min-psnr and the calibration flags go into the profile's [quantize] table (flags win)."""
-    import dataclasses
-
-    flags = {"min_psnr": args.min_psnr, "calibration_prompts": args.calibration_prompts,
-             "calibration_steps": args.calibration_steps}
-    flags = {k: v for k, v in flags.items() if v is not None}
-    if not flags:
-        return options
-    if args.min_psnr is not None and not 0 < args.min_psnr < 1000:
-        raise UsageError(f"--min-psnr {args.min_psnr:g}: expected a PSNR in dB, e.g. 35")
-    for name in ("calibration_prompts", "calibration_steps"):
-        if flags.get(name) is not None and flags[name] < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    quantize = {**(options.profile.get("quantize") or {}), **flags}
-    return dataclasses.replace(options, profile={**options.profile, "quantize": quantize})
-
-
-def _gpu_flags(args, options):
-    """--optimize into the profile's [onnx] table, --qdq-onnx into [tensorrt], --winograd into [openvino] (flags win)."""
-    import dataclasses
-
-    profile = dict(options.profile)
-    if args.optimize is not None:
-        profile["onnx"] = {**(profile.get("onnx") or {}), "optimize": args.optimize}
-    if args.qdq_onnx is not None:
-        profile["tensorrt"] = {**(profile.get("tensorrt") or {}), "qdq_onnx": args.qdq_onnx}
-    if args.winograd is not None:
-        if options.target != "openvino":
-            raise UsageError(f"--winograd applies to --target openvino, not {options.target}")
-        profile["openvino"] = {**(profile.get("openvino") or {}), "winograd": args.winograd}
-    return dataclasses.replace(options, profile=profile)
-
-
-def _coreml_flags(args, options):
-    """--attention / --compress / --compute-units on top of the profile's [coreml] and [backend] tables."""
-    import dataclasses
-
-    given = {k: v for k, v in (("attention", args.attention), ("compress", args.compress),
-                               ("compute_units", args.compute_units)) if v is not None}
-    if not given:
-        return options
-    if options.target != "coreml":
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise UsageError(f"{flags}: Core ML settings, for --target coreml (this export targets {options.target})")
-    coreml = dict(options.profile.get("coreml") or {})
-    backend = dict(options.profile.get("backend_options") or {})
-    coreml.update({k: v for k, v in given.items() if k != "compute_units"})
-    if "compute_units" in given:
-        backend["compute_units"] = given["compute_units"]
-    return dataclasses.replace(options, profile={**options.profile, "coreml": coreml, "backend_options": backend})
 
 
 def cmd_bench(args) -> int:
@@ -238,7 +183,7 @@ def cmd_merge_lora(args) -> int:
 
     model = None
     if args.model:
-        from sdexport.sources.diffusers import open_source
+        from sdexport.sources.open import open_source
 
         model = open_source(args.model, config=args.config)
     merge_loras(args.loras, args.out, layout=args.layout, model=model, overwrite=args.overwrite)
@@ -273,39 +218,15 @@ def parse_control(spec: str):
 
 def cmd_generate(args) -> int:
     from runtime import image as imgproc
-    from runtime.pipeline import Pipeline, PipelineInputError
+    from runtime.pipeline import Pipeline
 
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise UsageError(f"{output}: already exists; pass --overwrite to replace it")
     if not output.resolve().parent.is_dir():
         raise UsageError(f"{output.resolve().parent}: directory does not exist")
-    controls = [parse_control(c) for c in args.control or ()]
-    for c in controls:
-        c.start, c.end = args.control_start, args.control_end
-    if controls and (args.preprocess != "none" or args.control_fit != "resize"):
-        from runtime.preprocess import fit, preprocess
-
-        for c in controls:
-            image = imgproc.load_image(c.image, f"control image for {c.name}")
-            try:
-                image = preprocess(image, args.preprocess, **_preprocess_params(args))
-                if args.height and args.width:
-                    image = fit(image, args.height, args.width, args.control_fit)
-            except imgproc.ImageInputError:
-                raise
-            except ValueError as e:
-                raise PipelineInputError(str(e)) from None
-            c.image = image
-    options = {}
-    if args.device:
-        options["device"] = args.device
-    if args.threads:
-        options["threads"] = args.threads
-    if args.compute_units:
-        options["compute_units"] = args.compute_units
-    if args.winograd:
-        options["winograd"] = args.winograd
+    controls = _controls(args)
+    options = {k: getattr(args, k) for k in ("device", "threads", "compute_units", "winograd") if getattr(args, k)}
     pipe = Pipeline.from_dir(args.dir, options=options or None, cfg=args.cfg)
     result = pipe.generate(
         args.prompt,
@@ -334,6 +255,32 @@ def cmd_generate(args) -> int:
         total = result.timings["total"]
         print(f"wrote {output} ({result.image.width}x{result.image.height}) in {total:.2f} s", file=sys.stderr)
     return 0
+
+
+def _controls(args) -> list:
+    """--control NAME=IMAGE[:SCALE] with the start/end fractions, images preprocessed and fitted."""
+    from runtime import image as imgproc
+    from runtime.pipeline import PipelineInputError
+
+    controls = [parse_control(c) for c in args.control or ()]
+    for c in controls:
+        c.start, c.end = args.control_start, args.control_end
+    if not controls or (args.preprocess == "none" and args.control_fit == "resize"):
+        return controls
+    from runtime.preprocess import fit, preprocess
+
+    for c in controls:
+        image = imgproc.load_image(c.image, f"control image for {c.name}")
+        try:
+            image = preprocess(image, args.preprocess, **_preprocess_params(args))
+            if args.height and args.width:
+                image = fit(image, args.height, args.width, args.control_fit)
+        except imgproc.ImageInputError:
+            raise
+        except ValueError as e:
+            raise PipelineInputError(str(e)) from None
+        c.image = image
+    return controls
 
 
 def _preprocess_params(args) -> dict:
@@ -413,25 +360,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdexport", description="Export Stable Diffusion to ONNX / OpenVINO / Core ML / TensorRT and run it without PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_export_parser, _merge_parser, _merge_lora_parser, _generate_parser, _bench_parser, _quality_parser,
+                _demo_parser, _profiles_parser, _inspect_parser):
+        add(sub)
+    return parser
+
+
+def _export_parser(sub) -> None:
+    from sdexport import options as declared
 
     p = sub.add_parser("export", help="convert a model (diffusers folder or single file) into an artifact directory")
     p.add_argument("source", help="diffusers model folder, or a single-file checkpoint (.safetensors / .ckpt)")
     p.add_argument("--profile", help="a device profile (sdexport profiles lists them) or a .toml file; flags override it")
-    p.add_argument("--target", help="onnx | openvino | coreml | tensorrt (default: the profile's, else onnx)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--precision", help="fp32 | fp16, and target-specific ones: onnx int8 | int8-static | mixed, "
-                                       "openvino int8 | int4 | hybrid | int8-static (default: the profile's, else fp32)")
-    p.add_argument("--optimize", choices=("none", "gpu"),
-                   help="onnx: gpu = onnxruntime.transformers fusions for the CUDA provider, then fp16 (default: the profile's)")
-    p.add_argument("--qdq-onnx", metavar="DIR", help="tensorrt --precision int8: an `--target onnx --precision int8-static` export")
-    p.add_argument("--winograd", choices=("auto", "off", "f2", "f4"),
-                   help="openvino fp32 with static shapes: 3x3 convolutions as Winograd F(2)/F(4) on the CPU at f32; "
-                        "auto = where measured faster on this machine (default), f2/f4 = wherever the tile fits")
-    p.add_argument("--height", type=int, help="static height in pixels (with --width)")
-    p.add_argument("--width", type=int, help="static width in pixels (with --height)")
-    p.add_argument("--batch", type=int, help="static number of prompts per call")
-    p.add_argument("--cfg", choices=("batched", "sequential"),
-                   help="batched: one U-Net call on 2B; sequential: two calls on B (less memory)")
+    declared.add_flags(p)  # the profile's settings that have a flag: --target, --precision, --height ...
     p.add_argument("--controlnet", action="append", metavar="[NAME=]PATH", help="a diffusers ControlNet folder (repeatable)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="a LoRA (diffusers/PEFT or kohya) fused into the weights; repeatable, applied in order")
@@ -444,22 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check against torch")
     p.add_argument("--dry-run", action="store_true", help="resolve and check everything, write a plan manifest, convert nothing")
-    p.add_argument("--attention", choices=("original", "split-einsum"),
-                   help="Core ML: stock attention (GPU) or split-einsum (Neural Engine; the default)")
-    p.add_argument("--compress", choices=("none", "palettize4", "palettize6", "palettize8", "linear8"),
-                   help="Core ML: k-means palettized weights (4/6/8 bits) or int8 weights")
-    p.add_argument("--compute-units", choices=("all", "cpu-and-gpu", "cpu-and-ne", "cpu-only"),
-                   help="Core ML: where the models run (default: cpu-and-ne for split-einsum fp16, else cpu-and-gpu)")
-    p.add_argument("--min-psnr", type=float, metavar="DB",
-                   help="--precision mixed: PSNR (dB) against fp32 the U-Net must keep on the calibration set "
-                        "(default: the profile's quantize.min_psnr, else 35)")
-    p.add_argument("--calibration-prompts", type=int, metavar="N",
-                   help="int8-static / mixed: prompts of the calibration runs (default: the profile's, else 16)")
-    p.add_argument("--calibration-steps", type=int, metavar="N",
-                   help="int8-static / mixed: denoising steps of each calibration run (default: the profile's, else 20)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
+
+def _merge_parser(sub) -> None:
     m = sub.add_parser("merge", help="merge two checkpoints into a new one (streamed tensor by tensor)")
     m.add_argument("a", help="checkpoint A (.safetensors or .ckpt)")
     m.add_argument("b", help="checkpoint B")
@@ -471,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_merge)
 
+
+def _merge_lora_parser(sub) -> None:
     ml = sub.add_parser("merge-lora", help="combine LoRAs into one LoRA file (ranks concatenated, weights folded in)")
     ml.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]")
     ml.add_argument("--out", required=True, help="the merged LoRA .safetensors file")
@@ -480,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--overwrite", action="store_true")
     ml.add_argument("--quiet", action="store_true")
     ml.set_defaults(func=cmd_merge_lora)
+
+
+def _generate_parser(sub) -> None:
+    from sdexport import options as declared
 
     g = sub.add_parser("generate", help="make an image from an artifact directory (no PyTorch needed)")
     g.add_argument("dir")
@@ -496,6 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", help="input image for img2img / inpainting")
     g.add_argument("--strength", type=float)
     g.add_argument("--mask", help="inpainting mask (white = repaint), same size as --image")
+    _control_args(g)
+    g.add_argument("--cfg", choices=declared.CFG_MODES, help="override the export's CFG batching")
+    g.add_argument("--device", help="backend device: cpu, cuda, gpu, npu, auto ...")
+    g.add_argument("--threads", type=int)
+    g.add_argument("--compute-units", choices=declared.COMPUTE_UNITS,
+                   help="Core ML exports: override the compute units the export chose")
+    g.add_argument("--winograd", choices=declared.WINOGRAD_RUN_MODES,
+                   help="OpenVINO CPU at f32: apply the export's Winograd plan (auto, default) or not (off)")
+    g.add_argument("--output", "-o", required=True, help="PNG file to write")
+    g.add_argument("--latents-out", help="also save the final latents (.npy)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+
+def _control_args(g) -> None:
     g.add_argument("--control", action="append", metavar="NAME=IMAGE[:SCALE]", help="a ControlNet and its image (repeatable)")
     g.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where control starts")
     g.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where control ends")
@@ -506,59 +459,50 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--canny-low", type=int, default=100)
     g.add_argument("--canny-high", type=int, default=200)
     g.add_argument("--threshold", type=int, default=127)
-    g.add_argument("--cfg", choices=("batched", "sequential"), help="override the export's CFG batching")
-    g.add_argument("--device", help="backend device: cpu, cuda, gpu, npu, auto ...")
-    g.add_argument("--threads", type=int)
-    g.add_argument("--compute-units", choices=("all", "cpu-and-gpu", "cpu-and-ne", "cpu-only"),
-                   help="Core ML exports: override the compute units the export chose")
-    g.add_argument("--winograd", choices=("auto", "off"),
-                   help="OpenVINO CPU at f32: apply the export's Winograd plan (auto, default) or not (off)")
-    g.add_argument("--output", "-o", required=True, help="PNG file to write")
-    g.add_argument("--latents-out", help="also save the final latents (.npy)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    g.add_argument("--quiet", action="store_true")
-    g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="latency and parity of an export against diffusers (PyTorch)")
-    b.add_argument("dir", help="artifact directory")
-    b.add_argument("--reference", required=True, help="the diffusers model folder it was exported from")
-    b.add_argument("--prompt", action="append", help="a prompt (repeatable; two defaults)")
-    b.add_argument("--seeds", default="1,2", help="comma-separated seeds")
-    b.add_argument("--scheduler", default="dpmpp-2m")
-    b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--height", type=int)
-    b.add_argument("--width", type=int)
+
+def _measure_args(report: str, files: str, seeds: str, prompts: str) -> argparse.ArgumentParser:
+    """The arguments bench and quality share: the export, its torch reference, the runs, the device."""
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("dir", help="artifact directory")
+    shared.add_argument("--reference", required=True, help="the diffusers model folder it was exported from")
+    shared.add_argument("--out", default=report, help=f"directory for {files}")
+    shared.add_argument("--prompt", action="append", help=f"a prompt (repeatable; {prompts} defaults)")
+    shared.add_argument("--seeds", default=seeds, help="comma-separated seeds")
+    shared.add_argument("--scheduler", default="dpmpp-2m")
+    shared.add_argument("--steps", type=int, default=20)
+    shared.add_argument("--height", type=int)
+    shared.add_argument("--width", type=int)
+    shared.add_argument("--threads", type=int)
+    shared.add_argument("--device")
+    shared.add_argument("--quiet", action="store_true")
+    return shared
+
+
+def _bench_parser(sub) -> None:
+    shared = _measure_args("bench", "bench.json, bench.md and the PNG plots", seeds="1,2", prompts="two")
+    b = sub.add_parser("bench", parents=[shared], help="latency and parity of an export against diffusers (PyTorch)")
     b.add_argument("--repeats", type=int, default=5, help="timed calls per component after one warm-up")
-    b.add_argument("--threads", type=int)
-    b.add_argument("--device")
     b.add_argument("--no-cold-start", action="store_true", help="skip the child-process cold-start runs")
-    b.add_argument("--out", default="bench", help="directory for bench.json, bench.md and the PNG plots")
-    b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 
-    q = sub.add_parser("quality", help="what the export's precision costs: per component and end to end against torch fp32")
-    q.add_argument("dir", help="artifact directory")
-    q.add_argument("--reference", required=True, help="the diffusers model folder it was exported from")
-    q.add_argument("--out", default="quality", help="directory for quality.json, quality.md and grid.png")
-    q.add_argument("--prompt", action="append", help="an end-to-end prompt (repeatable; four defaults)")
+
+def _quality_parser(sub) -> None:
+    shared = _measure_args("quality", "quality.json, quality.md and grid.png", seeds="1", prompts="four end-to-end")
+    q = sub.add_parser("quality", parents=[shared],
+                       help="what the export's precision costs: per component and end to end against torch fp32")
     q.add_argument("--prompts", metavar="FILE", help="end-to-end prompts, one per line ('#' comments)")
-    q.add_argument("--seeds", default="1", help="comma-separated seeds for the end-to-end runs")
-    q.add_argument("--scheduler", default="dpmpp-2m")
-    q.add_argument("--steps", type=int, default=20)
     q.add_argument("--guidance-scale", type=float, default=7.5)
-    q.add_argument("--height", type=int)
-    q.add_argument("--width", type=int)
     q.add_argument("--samples", type=int, default=8, help="recorded inputs per component comparison")
     q.add_argument("--calibration-seed", type=int, default=1, help="seed of the recorded inputs (exports calibrate with 0)")
     q.add_argument("--calibration-steps", type=int, default=20, help="steps of the runs the inputs are recorded from")
     q.add_argument("--component", action="append", help="only this component (repeatable; default: all)")
     q.add_argument("--controlnet", action="append", metavar="NAME=PATH", help="torch reference for controlnet/NAME")
     q.add_argument("--no-end-to-end", action="store_true", help="components only")
-    q.add_argument("--threads", type=int)
-    q.add_argument("--device")
-    q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quality)
 
+
+def _demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="export the bundled small trained model, generate pictures, compare with PyTorch")
     d.add_argument("--out", default="sdexport-demo", help="directory for grid.png, demo.json, the model and its export "
                    "(an earlier demo's directory is replaced)")
@@ -568,15 +512,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    pr = sub.add_parser("profiles", help="list the device profiles, one line each")
-    pr.set_defaults(func=cmd_profiles)
 
+def _profiles_parser(sub) -> None:
+    sub.add_parser("profiles", help="list the device profiles, one line each").set_defaults(func=cmd_profiles)
+
+
+def _inspect_parser(sub) -> None:
     i = sub.add_parser("inspect", help="show what an artifact directory's manifest says")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
     i.add_argument("--verify", action="store_true", help="check every file's sha256")
     i.set_defaults(func=cmd_inspect)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from sdexport.errors import ExportError, OptionError
 from sdexport.export.run import export
 from sdexport.sources.diffusers import ControlNetSource, DiffusersSource
 from sdexport.export.targets.base import ExportOptions
+from sdexport.options import BackendOptions, CoreMLOptions
 from sdexport.export.targets.coreml import (
     COMPRESSION,
     PACKAGE,
@@ -62,7 +63,7 @@ NEEDS_CT = pytest.mark.skipif(importlib.util.find_spec("coremltools") is None,
 
 def coreml_options(attention: str, compress: str | None = None, precision: str = "fp16", **coreml) -> ExportOptions:
     return ExportOptions(target="coreml", precision=precision, height=SIZE, width=SIZE, validate=True,
-                         profile={"coreml": {"attention": attention, "compress": compress, **coreml}})
+                         coreml=CoreMLOptions(attention=attention, compress=compress, **coreml))
 
 
 @pytest.fixture(scope="module")
@@ -383,23 +384,29 @@ def test_component_without_compressible_weights(tmp_path, tiny_sd1):
 @pytest.mark.parametrize(
     "coreml, needle",
     [
-        ({"attention": "flash"}, "--attention flash"),
-        ({"compress": "palettize3"}, "--compress palettize3"),
-        ({"compute_units": "npu"}, "--compute-units npu"),
+        ({"attention": "flash"}, "coreml.attention: 'flash' is not one of original, split-einsum"),
+        ({"compress": "palettize3"}, "coreml.compress: 'palettize3' is not one of"),
+        ({"compute_units": "npu"}, "backend.compute_units: 'npu' is not one of"),
         ({"minimum_deployment_target": "macOS9"}, "minimum deployment target 'macOS9'"),
         ({"minimum_deployment_target": "iOS14"}, "ML Programs need macOS12"),
         ({"compute_units": "cpu-and-ne", "attention": "original"}, None),  # fine at fp16
-        ({"colour": "blue"}, "unknown coreml profile settings: colour"),
+        ({"colour": "blue"}, "unknown field coreml.colour"),
     ],
 )
 def test_bad_settings(tiny_sd1, tmp_path, coreml, needle):
     source = DiffusersSource.open(tiny_sd1)
     spec = text_encoder_spec(source, model_info(source))
-    options = ExportOptions(target="coreml", precision="fp16", height=SIZE, width=SIZE, profile={"coreml": coreml})
+    def make():
+        backend = BackendOptions.from_table({k: v for k, v in coreml.items() if k == "compute_units"})
+        table = CoreMLOptions.from_table({k: v for k, v in coreml.items() if k != "compute_units"})
+        return ExportOptions(target="coreml", precision="fp16", height=SIZE, width=SIZE, coreml=table, backend=backend)
+
     if needle is None:
+        options = make()
         CoreMLTarget().convert(spec.static(options.trace_shape(spec)), spec.module(), tmp_path, options, "fp16")
         return
     with pytest.raises(OptionError, match=needle.replace("(", r"\(")):
+        options = make()
         CoreMLTarget().convert(spec.static(options.trace_shape(spec)), spec.module(), tmp_path, options, "fp16")
 
 
@@ -408,7 +415,7 @@ def test_neural_engine_needs_fp16(tiny_sd1, tmp_path):
     source = DiffusersSource.open(tiny_sd1)
     spec = text_encoder_spec(source, model_info(source))
     options = ExportOptions(target="coreml", precision="fp32", height=SIZE, width=SIZE,
-                            profile={"coreml": {}, "backend_options": {"compute_units": "cpu-and-ne"}})
+                            backend=BackendOptions(compute_units="cpu-and-ne"))
     with pytest.raises(OptionError, match="cpu-and-ne needs --precision fp16"):
         CoreMLTarget().convert(spec, spec.module(), tmp_path, options, "fp32")
 
@@ -557,14 +564,14 @@ def test_cli_flags_fill_the_profile(tmp_path, tiny_sd1):
                  "--attention", "original", "--compress", "linear8", "--compute-units", "cpu-only",
                  "--out", str(out), "--dry-run", "--quiet"]) == 0
     m = Manifest.load(out, check_files=False)
-    assert m.profile["coreml"] == {"attention": "original", "compress": "linear8"}
+    assert m.profile["coreml"].items() >= {"attention": "original", "compress": "linear8"}.items()
     assert m.profile["backend_options"]["compute_units"] == "cpu-only"
     assert m.component("unet").main_file.path == f"unet/{PACKAGE}/Manifest.json"
 
 
 def test_cli_coreml_flags_need_the_coreml_target(capsys, tmp_path, tiny_sd1):
     code, err = run_cli(capsys, "export", tiny_sd1, "--target", "onnx", "--compress", "palettize6", "--out", tmp_path / "o")
-    assert_one_line_error(code, err, "--compress", "for --target coreml")
+    assert_one_line_error(code, err, "--compress", "applies to --target coreml, not onnx")
     code, err = run_cli(capsys, "export", tiny_sd1, "--target", "coreml", "--compress", "palettize5", "--out", tmp_path / "o")
     assert_one_line_error(code, err, "--compress", "palettize5")
     assert not (tmp_path / "o").exists() and no_partial_dirs(tmp_path)

@@ -37,7 +37,7 @@ def fp32_export(tmp_path_factory, tiny_sd1):
 def test_manifest_contract(fp32_export, tiny_sd1):
     m = Manifest.load(fp32_export)
     data = json.loads((fp32_export / "sdexport.json").read_text())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     assert m.model.family == "sd1" and m.model.prediction_type == "epsilon"
     assert m.model.latent_channels == 4 and m.model.vae_scale_factor == 8 and m.model.vae_scaling_factor == pytest.approx(0.18215)
     assert m.exporter["libraries"]["torch"] and m.exporter["libraries"]["onnxruntime"]

@@ -31,7 +31,7 @@ def test_shipped_profiles_load_and_list(capsys):
 def test_flags_override_profile_fields():
     options = profile.resolve("jetson-orin", height=64, width=64, cfg="batched", target="onnx")
     assert (options.target, options.precision, options.height, options.width, options.cfg) == ("onnx", "fp16", 64, 64, "batched")
-    assert options.profile["name"] == "jetson-orin"
+    assert options.profile_name == "jetson-orin"
     default = profile.resolve("jetson-orin")
     assert (default.target, default.height, default.cfg) == ("tensorrt", 512, "sequential")
 
@@ -52,6 +52,7 @@ def test_every_profile_exports_the_tiny_pipeline(name, tmp_path, tiny_sd1):
     m = Manifest.load(out, check_files=not dry)
     assert m.profile["name"] == name and m.profile["cfg"] == p.get("cfg", "mode", "batched")
     assert m.profile["backend_options"] == p.data.get("backend", {})
+    assert m.runtime.cfg == p.get("cfg", "mode", "batched") and m.runtime.backend_options == p.data.get("backend", {})
     assert {c.precision for c in m.components.values()} <= {p.data["precision"], "fp32"}
     if dry:
         assert m.exporter["dry_run"] is True

@@ -28,6 +28,7 @@ from runtime.backends.base import BackendError, SessionOptions
 from runtime.backends import tensorrt as trt_backend
 from runtime.manifest import Component, FileRef, Manifest, TensorSpec
 from sdexport import profile
+from sdexport.options import TensorRTOptions
 from sdexport.cli import main
 from sdexport.errors import OptionError
 from sdexport.export.targets import get_target
@@ -71,11 +72,11 @@ def tiny(tiny_sd1):
 
 def _options(profile_name=None, **flags):
     options = profile.resolve(profile_name, **flags)
-    return dataclasses.replace(options, profile={**options.profile, "_trace_size": 128})
+    return dataclasses.replace(options, trace_size=128)
 
 
 def _with_table(options, **table):
-    return dataclasses.replace(options, profile={**options.profile, "tensorrt": table})
+    return dataclasses.replace(options, tensorrt=TensorRTOptions(**table))
 
 
 # --- settings and optimization profiles --------------------------------------------------------------
@@ -123,7 +124,7 @@ def test_dynamic_profile_from_builder_batch_and_size(tiny):
     ({"builder_batch": [4, 1, 2]}, "builder_batch must be three positive integers"),
     ({"builder_size": [256, 512]}, "builder_size"),
     ({"optimization_level": 9}, "optimization_level must be 0..5"),
-    ({"hardware_compatibility": "turing"}, "hardware_compatibility must be one of none, ampere_plus"),
+    ({"hardware_compatibility": "turing"}, "hardware_compatibility: 'turing' is not one of none, ampere_plus"),
 ])
 def test_bad_settings_are_one_line(table, needle):
     with pytest.raises(OptionError, match=needle):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from runtime.manifest import Component, FileRef, Manifest, ModelInfo
+from runtime.manifest import Component, FileRef, Manifest, ModelInfo, RunSettings, StaticShape
 from runtime.tokenizer import CLIPTokenizer, TokenizerError
 from sdexport import __version__
 from sdexport.export.artifacts import check_output_dir, staged_directory
@@ -31,7 +31,7 @@ from sdexport.export.components import (
 from sdexport.errors import ExportError, OptionError, SourceError
 from sdexport.sources.diffusers import ControlNetSource, DiffusersSource, open_source, recommended_settings
 from sdexport.export.targets import get_target
-from sdexport.export.targets.base import ExportOptions
+from sdexport.export.targets.base import ExportOptions, Target
 from sdexport.export.validate import gate, measure, passes, validation_shape
 
 LIBRARIES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf",
@@ -157,8 +157,7 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
     for cn in controlnets:
         check_controlnet(cn, source)
 
-    trace_size = min(info.default_height, options.default_size)
-    options = dataclasses.replace(options, profile={**options.profile, "_trace_size": trace_size})
+    options = dataclasses.replace(options, trace_size=min(info.default_height, options.default_size))
     multiple = spatial_multiple(source, info)
     specs = component_specs(source, info, controlnets)
     components: dict[str, Component] = {}
@@ -190,25 +189,31 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
                 "libraries": library_versions(),
                 "artifact_hash": artifact_hash(components),
                 "tokenizer_parity": tokenizer_check,
-                "controlnet": {"guess_mode_scales": guess_mode_scales(len(info.control_residuals))},
-                "static_shape": {"height": options.height, "width": options.width, "batch": options.batch}
-                if options.static else None,
             },
-            profile={k: v for k, v in options.profile.items() if not k.startswith("_")} | {"cfg": options.cfg},
+            profile=options.profile_record(),
+            runtime=run_settings(options, guess_mode_scales(len(info.control_residuals))),
         )
         manifest.write(stage)
     return Manifest.load(out)
 
 
-def _write_plan(source, out: Path, options: ExportOptions, target, info: ModelInfo, specs, command) -> Manifest:
+def run_settings(options: ExportOptions, scales: list[float] = ()) -> RunSettings:
+    """What the runtime reads: CFG mode, backend options, device loop, static shape, guess-mode scales."""
+    static = StaticShape(options.height, options.width, options.batch) if options.static else None
+    return RunSettings(cfg=options.cfg, backend_options=options.backend.session_options(),
+                       device_loop=options.backend.device_loop or "auto", static_shape=static,
+                       guess_mode_scales=tuple(scales))
+
+
+def _write_plan(source, out: Path, options: ExportOptions, target: Target, info: ModelInfo, specs, command) -> Manifest:
     """A dry run: every option resolved and checked, the components planned with their exact
     inputs and outputs, written as a manifest marked ``dry_run`` that the runtime refuses to run."""
-    names = getattr(target, "file_names", ("model",))
+    names = target.file_names
     components = {}
     for spec in specs:
         if options.static:
             spec = spec.static(options.trace_shape(spec), keep_batch_dynamic=_keep_batch_dynamic(options))
-        planned = target.plan_details(spec, options) if hasattr(target, "plan_details") else {}
+        planned = target.plan_details(spec, options)
         components[spec.name] = Component(
             name=spec.name, role=spec.role, backend=target.backend,
             files=tuple(FileRef(f"{spec.name}/{n}", "", 0) for n in names), precision=options.precision,
@@ -218,7 +223,7 @@ def _write_plan(source, out: Path, options: ExportOptions, target, info: ModelIn
         model=info, components=components,
         exporter={"name": "sdexport", "version": __version__, "dry_run": True, "target": target.name,
                   "source": str(source.path), "command": command or [], "libraries": library_versions()},
-        profile={k: v for k, v in options.profile.items() if not k.startswith("_")} | {"cfg": options.cfg},
+        profile=options.profile_record(), runtime=run_settings(options),
     )
     with staged_directory(out, options.overwrite) as stage:
         manifest.write(stage)
@@ -242,7 +247,7 @@ def _validation_backend(component: Component, options: ExportOptions) -> tuple[d
     return {**options.backend_options, "providers": providers}, reason
 
 
-def export_component(spec: ComponentSpec, target, stage: Path, options: ExportOptions, multiple: int) -> Component:
+def export_component(spec: ComponentSpec, target: Target, stage: Path, options: ExportOptions, multiple: int) -> Component:
     trace = options.trace_shape(spec)
     if options.static:
         spec = spec.static(trace, keep_batch_dynamic=_keep_batch_dynamic(options))
@@ -250,7 +255,7 @@ def export_component(spec: ComponentSpec, target, stage: Path, options: ExportOp
     precision = options.precision
     component = _convert(spec, module, target, stage, options, precision)
     backend_options, skipped = _validation_backend(component, options)
-    if options.validate and not getattr(target, "can_validate_here", lambda: True)():
+    if options.validate and not target.can_validate_here():
         # The backend cannot run here (Core ML off macOS): record that, and what the target can check.
         shape = validation_shape(spec, trace, options.static, multiple)
         component.parity.update(target.offline_parity(spec, module, shape, options))
@@ -279,7 +284,7 @@ def export_component(spec: ComponentSpec, target, stage: Path, options: ExportOp
     return component
 
 
-def _convert(spec, module, target, stage: Path, options: ExportOptions, precision: str) -> Component:
+def _convert(spec, module, target: Target, stage: Path, options: ExportOptions, precision: str) -> Component:
     converted = target.convert(spec, module, stage / spec.name, options, precision)
     return Component(
         name=spec.name,

@@ -546,38 +546,29 @@ def search_mixed(quantizer: StaticQuantizer, candidates: Sequence[str], min_psnr
 
 
 def calibration_settings(options) -> "Any":
-    """CalibrationSettings from the options: the profile's [calibration] mapping (programmatic), then
-    its [quantize] calibration_prompts / calibration_steps (profile files and command-line flags)."""
+    """CalibrationSettings from the options: ``options.calibration`` (set in code), then the
+    [quantize] calibration_prompts / calibration_steps (profile files and command-line flags)."""
     from sdexport.quantize.calibration import CalibrationSettings
 
-    settings = CalibrationSettings.from_mapping(options.profile.get("calibration"))
-    quant = options.profile.get("quantize") or {}
+    settings = options.calibration or CalibrationSettings()
+    quant = options.quantize
     changes: dict[str, Any] = {}
-    if quant.get("calibration_prompts") is not None:
-        n = int(quant["calibration_prompts"])
-        if n < 1:
-            raise OptionError(f"calibration prompts must be at least 1, got {n}")
-        changes["samples"] = n * min(settings.per_prompt, int(quant.get("calibration_steps") or settings.steps))
-    if quant.get("calibration_steps") is not None:
-        changes["steps"] = int(quant["calibration_steps"])
+    if quant.calibration_prompts is not None:
+        changes["samples"] = quant.calibration_prompts * min(settings.per_prompt, quant.calibration_steps or settings.steps)
+    if quant.calibration_steps is not None:
+        changes["steps"] = quant.calibration_steps
     return dataclasses.replace(settings, **changes) if changes else settings
 
 
-ACTIVATIONS = ("int8", "uint8")
-
-
 def static_recipe(options) -> StaticRecipe:
-    """The profile's [quantize] activations: "int8" (signed, symmetric: TensorRT needs it, arm64 runs
-    it fastest) or "uint8" (asymmetric: what x86 ONNX Runtime fuses everywhere without the
+    """The [quantize] activations: "int8" (signed, symmetric: TensorRT needs it, arm64 runs it
+    fastest) or "uint8" (asymmetric: what x86 ONNX Runtime fuses everywhere without the
     ``session.qdqisint8allowed`` session option)."""
-    activations = (options.profile.get("quantize") or {}).get("activations", "int8")
-    if activations not in ACTIVATIONS:
-        raise OptionError(f"quantize.activations {activations!r}: use one of {', '.join(ACTIVATIONS)}")
-    return StaticRecipe(activations=activations)
+    return StaticRecipe(activations=options.quantize.activations)
 
 
 def min_psnr(options) -> float:
-    value = (options.profile.get("quantize") or {}).get("min_psnr")
+    value = options.quantize.min_psnr
     return DEFAULT_MIN_PSNR if value is None else float(value)
 
 
@@ -588,7 +579,7 @@ def calibration_feeds(spec, module, options, settings=None) -> tuple[list[dict],
 
     settings = settings or calibration_settings(options)
     unet = getattr(module, "unet", None)
-    source = options.profile.get("_source") or getattr(getattr(unet, "config", None), "_name_or_path", None)
+    source = getattr(getattr(unet, "config", None), "_name_or_path", None)
     if not source or not (Path(source) / "model_index.json").is_file():
         raise ExportError(f"{spec.name}: static int8 needs the source diffusers folder for calibration runs")
     controlnet = None
@@ -659,7 +650,7 @@ def quantize_component(spec, module, model: onnx.ModelProto, precision: str, opt
         return onnx.load(str(out)), "int8", {"quantization": details}
 
     feeds, calibration = calibration_feeds(spec, module, options)
-    evals = eval_subset(feeds, int((options.profile.get("quantize") or {}).get("eval_samples") or 8))
+    evals = eval_subset(feeds, options.quantize.eval_samples)
     recipe = static_recipe(options)
     quantizer = StaticQuantizer(fp32_path, feeds, evals, recipe, workdir, log)
     full = quantizer.build("int8-static")

@@ -44,29 +44,26 @@ import numpy as np
 import torch
 
 from runtime.manifest import TensorSpec
-from sdexport.export.attention import IMPLEMENTATIONS, UnsupportedAttention, attention_implementation
+from sdexport import options as options_mod
+from sdexport.export.attention import UnsupportedAttention, attention_implementation
 from sdexport.export.components import ComponentSpec, Shape
 from sdexport.errors import ExportError, OptionError
-from sdexport.export.targets.base import Converted, ExportOptions
+from sdexport.export.targets.base import Converted, ExportOptions, Target
 
 PACKAGE = "model.mlpackage"
-COMPUTE_UNITS = {"all": "ALL", "cpu-and-gpu": "CPU_AND_GPU", "cpu-and-ne": "CPU_AND_NE", "cpu-only": "CPU_ONLY"}
-# mode -> (coremltools compressor, what it stores per weight, bits per weight element, MIL ops it leaves)
-COMPRESSION = {
-    "palettize4": ("palettize", 4),
-    "palettize6": ("palettize", 6),
-    "palettize8": ("palettize", 8),
-    "linear8": ("linear", 8),
-}
+# coremltools' ComputeUnit names ("cpu-and-ne" -> CPU_AND_NE) and compressors ("palettize6" -> 6-bit
+# palettization) follow from the declared names (sdexport.options).
+COMPUTE_UNITS = {units: units.upper().replace("-", "_") for units in options_mod.COMPUTE_UNITS}
+COMPRESSION = {mode: (mode.rstrip("0123456789"), int(mode[len(mode.rstrip("0123456789")):]))
+               for mode in options_mod.COMPRESS_MODES if mode != "none"}
 # The ops that decompress a weight at load time, by opset: iOS16/17 and iOS18+ spell them differently.
 COMPRESSED_WEIGHT_OPS = {
     "palettize": ("constexpr_lut_to_dense",),
     "linear": ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"),
 }
-DEFAULT_TARGET = "macOS14"
+DEFAULT_TARGET = options_mod.DEFAULT_DEPLOYMENT_TARGET
 OLDEST_TARGET = "iOS15"  # ML Programs start here
 OLDEST_COMPRESSION_TARGET = "iOS16"  # constexpr (compressed weight) ops start here
-PROFILE_KEYS = ("attention", "compress", "compute_units", "minimum_deployment_target", "weight_threshold")
 
 
 # --- coremltools, imported quietly --------------------------------------------------------------
@@ -125,25 +122,11 @@ class CoreMLSettings:
 
     @classmethod
     def from_options(cls, options: ExportOptions) -> "CoreMLSettings":
-        values = dict(options.profile.get("coreml") or {})
-        unknown = set(values) - set(PROFILE_KEYS)
-        if unknown:
-            raise OptionError(f"unknown coreml profile settings: {', '.join(sorted(unknown))} (known: {', '.join(PROFILE_KEYS)})")
-        # Device profiles keep compute units with the other runtime settings, in [backend].
-        backend = options.profile.get("backend_options") or {}
-        values.setdefault("compute_units", backend.get("compute_units"))
-        settings = cls(**{k: v for k, v in values.items() if v is not None})
-        if settings.attention not in IMPLEMENTATIONS:
-            raise OptionError(f"--attention {settings.attention}: use one of {', '.join(IMPLEMENTATIONS)}")
-        if settings.compute_units is not None and settings.compute_units not in COMPUTE_UNITS:
-            raise OptionError(f"--compute-units {settings.compute_units}: use one of {', '.join(COMPUTE_UNITS)}")
-        modes = settings.compress.values() if isinstance(settings.compress, dict) else [settings.compress]
-        for mode in modes:
-            if mode not in (None, "none") and mode not in COMPRESSION:
-                raise OptionError(f"--compress {mode}: use one of {', '.join(COMPRESSION)}")
-        if not isinstance(settings.weight_threshold, int) or settings.weight_threshold < 1:
-            raise OptionError(f"coreml weight_threshold {settings.weight_threshold!r}: must be a positive integer")
-        return settings
+        """The [coreml] section (values checked by its declarations) and, as device profiles keep
+        compute units with the other runtime settings, [backend] compute_units."""
+        c = options.coreml
+        return cls(attention=c.attention, compress=c.compress, compute_units=options.backend.compute_units,
+                   minimum_deployment_target=c.minimum_deployment_target, weight_threshold=c.weight_threshold)
 
     def compression_for(self, spec: ComponentSpec) -> str | None:
         if not isinstance(self.compress, dict):
@@ -282,7 +265,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
-class CoreMLTarget:
+class CoreMLTarget(Target):
     name = "coreml"
     backend = "coreml"
     precisions = ("fp16", "fp32")

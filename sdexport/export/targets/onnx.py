@@ -18,7 +18,7 @@ from runtime.manifest import TensorSpec
 from sdexport.export.components import ComponentSpec, Shape
 from sdexport.errors import ExportError
 from sdexport.quantize.onnx import QUANTIZED_PRECISIONS, quantize_component
-from sdexport.export.targets.base import Converted, ExportOptions
+from sdexport.export.targets.base import Converted, ExportOptions, Target
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # leave headroom below protobuf's 2 GiB message limit
 EXTERNAL_DATA = "model.onnx_data"
@@ -110,7 +110,7 @@ def _io_specs(model: onnx.ModelProto, spec: ComponentSpec) -> tuple[tuple[Tensor
 
 def optimize_mode(options: ExportOptions) -> str:
     """``--optimize`` / the profile's ``[onnx] optimize``: "none" or "gpu"."""
-    return str((options.profile.get("onnx") or {}).get("optimize", "none"))
+    return options.onnx.optimize
 
 
 def optimize_gpu(spec: ComponentSpec, model: onnx.ModelProto, precision: str, options: ExportOptions,
@@ -135,7 +135,7 @@ def optimize_gpu(spec: ComponentSpec, model: onnx.ModelProto, precision: str, op
     return model, details
 
 
-class OnnxTarget:
+class OnnxTarget(Target):
     """fp32 and fp16 graphs, and the int8 precisions of :mod:`sdexport.quantize.onnx`:
     ``int8`` (int8 weights, activations quantized at run time, no calibration), ``int8-static``
     (QDQ, calibrated on real pipeline runs) and ``mixed`` (int8-static with the blocks most sensitive

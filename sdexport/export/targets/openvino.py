@@ -53,7 +53,6 @@ bytes per element type, file sizes, calibration):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import tempfile
 import warnings
@@ -66,40 +65,15 @@ import torch
 
 from runtime.manifest import TensorSpec
 from sdexport.export.components import ComponentSpec
-from sdexport.errors import ExportError, OptionError
-from sdexport.export.targets.base import Converted, ExportOptions
-from sdexport.export.targets.winograd_tuning import MODES as WINOGRAD_MODES
+from sdexport.errors import ExportError
+from sdexport.export.targets.base import Converted, ExportOptions, Target
+from sdexport.options import OpenVinoOptions
 
 XML, BIN = "model.xml", "model.bin"
-FRONTENDS = ("torch", "onnx")
 OV_DTYPES = {"float32": ov.Type.f32, "float16": ov.Type.f16, "int64": ov.Type.i64, "int32": ov.Type.i32}
 DTYPE_NAMES = {"f32": "float32", "f16": "float16", "i64": "int64", "i32": "int32"}
 
-INT4_GROUP = 64
 INT4_ROLES = ("unet", "controlnet")  # roles whose MatMul weights int4 applies to (see the module docstring)
-
-
-@dataclasses.dataclass(frozen=True)
-class OpenVinoSettings:
-    """The profile's ``openvino`` table."""
-
-    frontend: str = "torch"
-    int4_group_size: int = INT4_GROUP
-    winograd: str = "auto"  # fp32 exports: Winograd plan for the CPU (see sdexport.export.targets.winograd_tuning)
-
-    @classmethod
-    def from_options(cls, options: ExportOptions) -> "OpenVinoSettings":
-        values = dict(options.profile.get("openvino") or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise OptionError(f"unknown openvino profile settings: {', '.join(sorted(unknown))}")
-        settings = cls(**values)
-        if settings.frontend not in FRONTENDS:
-            raise OptionError(f"openvino frontend {settings.frontend!r}: use one of {', '.join(FRONTENDS)}")
-        if settings.winograd not in WINOGRAD_MODES:
-            raise OptionError(f"openvino winograd {settings.winograd!r}: use one of {', '.join(WINOGRAD_MODES)}")
-        return settings
 
 
 # --- conversion ------------------------------------------------------------------------------
@@ -301,7 +275,7 @@ def save(model: ov.Model, out_dir: Path, compress_to_fp16: bool) -> list[Path]:
 # --- the target ------------------------------------------------------------------------------
 
 
-class OpenVinoTarget:
+class OpenVinoTarget(Target):
     name = "openvino"
     backend = "openvino"
     precisions = ("fp32", "fp16", "int8", "int4", "hybrid", "int8-static")
@@ -315,7 +289,7 @@ class OpenVinoTarget:
                 precision: str) -> Converted:
         if precision not in self.precisions:
             raise ExportError(f"the openvino target supports precisions {', '.join(self.precisions)}, not {precision!r}")
-        settings = OpenVinoSettings.from_options(options)
+        settings = options.openvino
         shape = options.trace_shape(spec)
         example = spec.example(shape, torch.Generator().manual_seed(0))
         details: dict[str, Any] = {}
@@ -365,7 +339,7 @@ class OpenVinoTarget:
         return Converted(files=files, precision=effective, inputs=inputs, outputs=outputs, details=details)
 
     @staticmethod
-    def _compress(spec: ComponentSpec, model: ov.Model, precision: str, settings: OpenVinoSettings,
+    def _compress(spec: ComponentSpec, model: ov.Model, precision: str, settings: OpenVinoOptions,
                   calibration) -> tuple[ov.Model, str, dict]:
         """Apply the precision; returns the model, the precision it really has, and what was done."""
         if precision == "fp32":

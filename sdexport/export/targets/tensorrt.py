@@ -38,7 +38,7 @@ import numpy as np
 from runtime.manifest import TensorSpec
 from sdexport.export.components import ComponentSpec, Shape
 from sdexport.errors import ExportError, OptionError
-from sdexport.export.targets.base import Converted, ExportOptions
+from sdexport.export.targets.base import Converted, ExportOptions, Target
 
 __all__ = [
     "EngineSettings",
@@ -56,23 +56,12 @@ __all__ = [
 PLAN = "model.plan"
 WEIGHT_MAP = "weights.json"
 TIMING_CACHE_ENV = "SDEXPORT_TRT_TIMING_CACHE"
-HARDWARE_LEVELS = ("none", "ampere_plus")
 QDQ_PRECISIONS = ("int8-static", "mixed")  # the onnx target's precisions that write Q/DQ graphs
 
 
 # =============================================================================================
 # Settings: the [tensorrt] table of a profile, resolved
 # =============================================================================================
-
-
-def _triple(value, what: str) -> tuple[int, int, int] | None:
-    if value is None:
-        return None
-    if (not isinstance(value, (list, tuple)) or len(value) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-            or not value[0] <= value[1] <= value[2]):
-        raise OptionError(f"[tensorrt] {what} must be three positive integers [min, opt, max] in order, got {value!r}")
-    return tuple(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,23 +77,11 @@ class EngineSettings:
 
     @classmethod
     def from_options(cls, options: ExportOptions) -> "EngineSettings":
-        table = dict(options.profile.get("tensorrt") or {})
-        level = table.get("optimization_level", 3)
-        if not isinstance(level, int) or not 0 <= level <= 5:
-            raise OptionError(f"[tensorrt] optimization_level must be 0..5, got {level!r}")
-        hardware = str(table.get("hardware_compatibility", "none")).lower()
-        if hardware not in HARDWARE_LEVELS:
-            raise OptionError(f"[tensorrt] hardware_compatibility must be one of {', '.join(HARDWARE_LEVELS)}, got {hardware!r}")
-        return cls(
-            optimization_level=level,
-            timing_cache=table.get("timing_cache"),
-            refittable=bool(table.get("refittable", False)),
-            builder_batch=_triple(table.get("builder_batch"), "builder_batch"),
-            builder_size=_triple(table.get("builder_size"), "builder_size"),
-            hardware_compatibility=hardware,
-            workspace_mb=table.get("workspace_mb"),
-            qdq_onnx=getattr(options, "qdq_onnx", None) or table.get("qdq_onnx"),
-        )
+        """The [tensorrt] section; its values were checked by their declarations (sdexport.options)."""
+        t = options.tensorrt
+        return cls(optimization_level=t.optimization_level, timing_cache=t.timing_cache, refittable=t.refittable,
+                   builder_batch=t.builder_batch, builder_size=t.builder_size,
+                   hardware_compatibility=t.hardware_compatibility, workspace_mb=t.workspace_mb, qdq_onnx=t.qdq_onnx)
 
     def timing_cache_path(self) -> Path:
         if self.timing_cache:
@@ -124,7 +101,7 @@ def _size_range(options: ExportOptions, settings: EngineSettings) -> tuple[int, 
     """Pixel range of a dynamic export: builder_size, else half to twice the model's native size."""
     if settings.builder_size is not None:
         return settings.builder_size
-    default = int(options.profile.get("_trace_size", options.default_size))
+    default = options.dynamic_size
     return max(64, default // 2), default, 2 * default
 
 
@@ -384,7 +361,7 @@ def _qdq_path(settings: EngineSettings, component: str) -> Path | None:
     return root / entry.main_file.path
 
 
-class TensorRTTarget:
+class TensorRTTarget(Target):
     name = "tensorrt"
     backend = "tensorrt"
     precisions = ("fp16", "fp32", "int8")

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from runtime.backends.openvino import core
 from runtime.backends.openvino_winograd import TILES, eligible_convs, fits, winograd_conv3x3
 from sdexport.measure.timing import timeit
+from sdexport.options import WINOGRAD_MODES
 
 MIN_GAIN = 1.05  # below this the difference is within run-to-run noise on a busy machine
-MODES = ("auto", "off", "f2", "f4")
 
 
 def _time_ms(model: ov.Model, x: np.ndarray, config: dict, repeats: int) -> float:
@@ -65,8 +65,8 @@ def measure(shape: tuple[int, ...], threads: int = 0, repeats: int = 7) -> dict[
 def plan(model: ov.Model, mode: str = "auto", threads: int = 0, label: str = "", progress: bool = False) -> dict | None:
     """The manifest's ``details["winograd"]``: per (N, C, K, H, W) of the model's eligible convolutions,
     the tile (0: direct) and, for ``auto``, what was measured. None when nothing is eligible or mode off."""
-    if mode not in MODES:
-        raise ValueError(f"winograd mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode not in WINOGRAD_MODES:
+        raise ValueError(f"winograd mode {mode!r}: use one of {', '.join(WINOGRAD_MODES)}")
     counts = Counter(shape for _, shape in eligible_convs(model))
     if mode == "off" or not counts:
         return None

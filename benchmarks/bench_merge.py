@@ -35,7 +35,8 @@ def sd15_plan(dtype: str = "fp32"):
     """Names, shapes, dtypes of an SD 1.5 single file (meta tensors), from the shipped config."""
     import torch
 
-    from sdexport.sources.single_file import CONFIGS_DIR, original_plan, read_configs
+    from sdexport.sources.convert import original_plan
+    from sdexport.sources.models import CONFIGS_DIR, read_configs
 
     plan = original_plan(read_configs(CONFIGS_DIR / "sd1"))
     target = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
@@ -46,7 +47,7 @@ def write_random_checkpoint(path: Path, plan: dict, seed: int) -> Path:
     """Stream random tensors of the plan's shapes into a safetensors file (one tensor in memory at a time)."""
     import torch
 
-    from sdexport.sources.single_file import SafetensorsWriter
+    from sdexport.sources.checkpoint import SafetensorsWriter
 
     gen = torch.Generator().manual_seed(seed)
     with SafetensorsWriter(path, [(k, d, s) for k, (d, s) in plan.items()], {"format": "pt"}) as writer:
@@ -67,7 +68,7 @@ def rss(field):
             return int(line.split()[1]) * 1024
 import torch, safetensors.torch
 from sdexport.sources.merge import merge_checkpoints, merge_tensor
-from sdexport.sources.single_file import SafetensorsWriter
+from sdexport.sources.checkpoint import SafetensorsWriter
 kind, a, b, out, alpha, method, base = sys.argv[1:8]
 base = None if base == "-" else base
 baseline = rss("VmRSS:")

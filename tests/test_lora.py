@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from runtime.metrics import psnr
 from sdexport.errors import SourceError
 from sdexport.sources.lora import LoraRef, merge_loras, read_lora, refit_set, write_refit_set
-from sdexport.sources.diffusers import open_source
+from sdexport.sources.base import Source
+from sdexport.sources.open import open_source
 from tests.test_sources import MIN_PSNR, diffusers_txt2img, run_export, runtime_image, write_single_file
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
@@ -148,13 +149,13 @@ def test_peft_kohya_and_old_layouts_fuse_identically(loras, tiny_sd1):
         for k in peft[part]:
             assert torch.equal(kohya[part][k], peft[part][k]), k
             assert torch.equal(old_b[part][k], peft_b[part][k]), k
-    assert [f.layout for f in open_source(tiny_sd1, loras=[loras["a-kohya"], loras["b-old"]]).lora_files] == \
-        ["kohya", "diffusers-old"]
+    source = open_source(tiny_sd1, loras=[loras["a-kohya"], loras["b-old"]])
+    assert isinstance(source, Source) and [f.layout for f in source.lora_files] == ["kohya", "diffusers-old"]
 
 
 def test_kohya_with_ldm_block_names(tmp_path, loras, tiny_sd1):
     """Some trainers name U-Net modules after the original LDM blocks (lora_unet_input_blocks_1_1_proj_in)."""
-    from sdexport.sources.single_file import unet_name_to_ldm
+    from sdexport.sources.convert import unet_name_to_ldm
 
     unet_config = open_source(tiny_sd1).unet_config
     renamed = {}
@@ -177,7 +178,7 @@ def test_kohya_with_ldm_block_names(tmp_path, loras, tiny_sd1):
 
 
 def test_lora_on_single_file_source(tmp_path, loras, tiny_sd1):
-    file = write_single_file(tiny_sd1, tmp_path / "model.safetensors")
+    file = write_single_file(open_source(tiny_sd1), tmp_path / "model.safetensors")
     specs = [(loras["a-kohya"], 0.7), (loras["b"], 0.5)]
     ours = fused(open_source(file, config=tiny_sd1, loras=specs))
     folder = fused(open_source(tiny_sd1, loras=specs))

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from sdexport.errors import SdexportError
 from sdexport.sources.merge import merge_checkpoints
+from sdexport.sources.open import open_source
 from sdexport.sources.single_file import write_single_file
-from sdexport.sources.diffusers import open_source
 
 ALPHA = 0.3
 
@@ -27,14 +27,14 @@ def checkpoints(tmp_path_factory, tiny_sd1, tiny_sd2v, tiny_inpaint) -> dict[str
     other = save_tiny_pipeline(root / "other", "sd1", seed=5)
     base = save_tiny_pipeline(root / "base", "sd1", seed=9)
     return {
-        "a": write_single_file(tiny_sd1, root / "a.safetensors"),
-        "b": write_single_file(other, root / "b.safetensors"),
-        "c": write_single_file(base, root / "c.safetensors"),
-        "b.ckpt": write_single_file(other, root / "b.ckpt"),
-        "a16": write_single_file(tiny_sd1, root / "a16.safetensors", dtype=torch.float16),
-        "b16": write_single_file(other, root / "b16.safetensors", dtype=torch.float16),
-        "inpaint": write_single_file(tiny_inpaint, root / "inpaint.safetensors"),
-        "sd2v": write_single_file(tiny_sd2v, root / "sd2v.safetensors"),
+        "a": write_single_file(open_source(tiny_sd1), root / "a.safetensors"),
+        "b": write_single_file(open_source(other), root / "b.safetensors"),
+        "c": write_single_file(open_source(base), root / "c.safetensors"),
+        "b.ckpt": write_single_file(open_source(other), root / "b.ckpt"),
+        "a16": write_single_file(open_source(tiny_sd1), root / "a16.safetensors", dtype=torch.float16),
+        "b16": write_single_file(open_source(other), root / "b16.safetensors", dtype=torch.float16),
+        "inpaint": write_single_file(open_source(tiny_inpaint), root / "inpaint.safetensors"),
+        "sd2v": write_single_file(open_source(tiny_sd2v), root / "sd2v.safetensors"),
         "other_dir": other,
     }
 
@@ -154,7 +154,7 @@ def test_bad_merges_write_nothing(tmp_path, checkpoints, case, needle):
 
 
 def test_failure_midway_leaves_nothing(tmp_path, checkpoints, monkeypatch):
-    from sdexport.sources.single_file import SafetensorsWriter
+    from sdexport.sources.checkpoint import SafetensorsWriter
 
     calls = {"n": 0}
     real = SafetensorsWriter._append

@@ -22,16 +22,13 @@ import torch
 
 from runtime.metrics import psnr
 from sdexport.errors import SourceError
-from sdexport.sources.single_file import (
-    CONFIGS_DIR,
-    Checkpoint,
-    SingleFileSource,
-    TensorInfo,
-    original_plan,
-    read_configs,
-    write_single_file,
-)
-from sdexport.sources.diffusers import DiffusersSource, open_source
+from sdexport.sources.base import Source
+from sdexport.sources.checkpoint import Checkpoint, TensorInfo
+from sdexport.sources.convert import original_plan
+from sdexport.sources.diffusers import DiffusersSource
+from sdexport.sources.models import CONFIGS_DIR, read_configs
+from sdexport.sources.open import open_source
+from sdexport.sources.single_file import SingleFileSource, write_single_file
 
 PARTS = ("unet", "vae", "text_encoder")
 MIN_PSNR = 45.0
@@ -107,7 +104,7 @@ def files(tmp_path_factory, tiny_sd1, tiny_sd2v, tiny_inpaint) -> dict[str, tupl
         "sd2v-diffusers.safetensors": (tiny_sd2v, "diffusers"),
         "inpaint-ldm.safetensors": (tiny_inpaint, "ldm"),
     }
-    return {name: (write_single_file(folder, root / name, layout=layout), folder)
+    return {name: (write_single_file(DiffusersSource.open(folder), root / name, layout=layout), folder)
             for name, (folder, layout) in cases.items()}
 
 
@@ -198,7 +195,7 @@ def test_shipped_tokenizer_passes_the_exports_parity_check(tmp_path):
 
 
 def test_shipped_configs_are_the_real_architectures():
-    from sdexport.sources.single_file import empty_model
+    from sdexport.sources.models import empty_model
 
     counts = {family: {part: sum(p.numel() for p in empty_model(part, cfg).parameters())
                        for part, cfg in read_configs(CONFIGS_DIR / family).items() if part != "scheduler"}
@@ -237,10 +234,11 @@ def test_few_step_sampler_and_defaults(files, tiny_sd1, kind, cls, steps, guidan
     import diffusers
 
     from runtime.schedulers import scheduler_from_config
-    from sdexport.sources.diffusers import recommended_settings
+    from sdexport.sources.open import recommended_settings
 
     file, folder = files["sd1-ldm.safetensors"]
     for source in (open_source(tiny_sd1, few_step=kind), open_source(file, config=folder, few_step=kind)):
+        assert isinstance(source, Source)
         config = source.scheduler_config
         written = json.loads((Path(source.path) / "scheduler" / "scheduler_config.json").read_text())
         assert config["_class_name"] == written["_class_name"] == cls
@@ -251,6 +249,34 @@ def test_few_step_sampler_and_defaults(files, tiny_sd1, kind, cls, steps, guidan
         ours.set_timesteps(steps or 20)
         theirs.set_timesteps(steps or 20)
         assert [float(t) for t in np.asarray(ours.timesteps)] == [float(t) for t in theirs.timesteps]
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The modules of ``package`` that a file imports, at its top or inside functions."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # from package import module
+    return {name for name in found if name.startswith(package + ".")}
+
+
+def test_sources_import_no_cycle():
+    """The modules of sdexport.sources import each other as a DAG (imports inside functions count)."""
+    import graphlib
+
+    import sdexport.sources
+
+    folder = Path(sdexport.sources.__file__).parent
+    modules = {f"sdexport.sources.{p.stem}": p for p in folder.glob("*.py") if p.stem != "__init__"}
+    graph = {name: _imports(path, "sdexport.sources") & set(modules) for name, path in modules.items()}
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # CycleError names the loop
+    assert set(order) == set(modules)
+    assert "sdexport.sources.open" not in set().union(*graph.values())  # nothing below depends on the opener
 
 
 def test_prediction_hint_on_a_folder(tiny_sd2v):
@@ -403,7 +429,7 @@ def tiny_sd2v_1024(tmp_path_factory) -> Path:
 def test_sd2v_1024_single_file_matches_diffusers(tmp_path, tiny_sd2v_1024):
     from diffusers import StableDiffusionPipeline
 
-    file = write_single_file(tiny_sd2v_1024, tmp_path / "sd2v.safetensors")
+    file = write_single_file(DiffusersSource.open(tiny_sd2v_1024), tmp_path / "sd2v.safetensors")
     with Checkpoint.open(file) as ck:
         assert ck.tensors["cond_stage_model.model.token_embedding.weight"].shape == (49408, 1024)
     # validate=False: the image comparison below checks the whole chain (and keeps this test short)

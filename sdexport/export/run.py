@@ -29,7 +29,9 @@ from sdexport.export.components import (
     vae_encoder_spec,
 )
 from sdexport.errors import ExportError, OptionError, SourceError
-from sdexport.sources.diffusers import ControlNetSource, DiffusersSource, open_source, recommended_settings
+from sdexport.sources.base import Source
+from sdexport.sources.diffusers import ControlNetSource
+from sdexport.sources.open import open_source, recommended_settings
 from sdexport.export.targets import get_target
 from sdexport.export.targets.base import ExportOptions, Target
 from sdexport.export.validate import gate, measure, passes, validation_shape
@@ -48,7 +50,7 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def spatial_multiple(source: DiffusersSource, info: ModelInfo) -> int:
+def spatial_multiple(source: Source, info: ModelInfo) -> int:
     """Pixels per step of size the U-Net accepts without padding tricks (64 for SD)."""
     levels = len(source.unet_config.get("block_out_channels", (1, 1, 1, 1)))
     return info.vae_scale_factor * 2 ** (levels - 1)
@@ -67,7 +69,7 @@ def check_options(options: ExportOptions, info: ModelInfo) -> None:
         raise OptionError(f"cfg mode {options.cfg!r}: use batched or sequential")
 
 
-def check_controlnet(cn: ControlNetSource, source: DiffusersSource) -> None:
+def check_controlnet(cn: ControlNetSource, source: Source) -> None:
     """A ControlNet must produce residuals of the U-Net's layout: same width, blocks and text width."""
     unet, cfg = source.unet_config, cn.config
     keys = ("block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim")
@@ -84,7 +86,7 @@ def check_controlnet(cn: ControlNetSource, source: DiffusersSource) -> None:
         raise SourceError(f"ControlNet {cn.name!r}: global_pool_conditions (shuffle-type) ControlNets are not supported")
 
 
-def write_tokenizer(source: DiffusersSource, out: Path) -> dict:
+def write_tokenizer(source: Source, out: Path) -> dict:
     """vocab.json + merges.txt (what the runtime reads) and the config that sets pad token and length."""
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -100,7 +102,7 @@ def write_tokenizer(source: DiffusersSource, out: Path) -> dict:
     return tokenizer_parity(source, out)
 
 
-def tokenizer_parity(source: DiffusersSource, written: Path) -> dict:
+def tokenizer_parity(source: Source, written: Path) -> dict:
     """The written tokenizer against transformers' on a few prompts: ids must be identical."""
     from transformers import CLIPTokenizer as Reference
 
@@ -115,7 +117,7 @@ def tokenizer_parity(source: DiffusersSource, written: Path) -> dict:
     return {"reference": "transformers CLIPTokenizer", "prompts": len(prompts), "identical": True}
 
 
-def component_specs(source: DiffusersSource, info: ModelInfo, controlnets: list[ControlNetSource]) -> list[ComponentSpec]:
+def component_specs(source: Source, info: ModelInfo, controlnets: list[ControlNetSource]) -> list[ComponentSpec]:
     specs = [text_encoder_spec(source, info), unet_spec(source, info)]
     if controlnets:
         specs.append(unet_spec(source, info, control=True))

@@ -37,13 +37,12 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from sdexport.errors import OptionError, SourceError
+from sdexport.sources.base import sample_names
+from sdexport.sources.checkpoint import Checkpoint, save_safetensors
+from sdexport.sources.convert import unet_name_to_ldm
+from sdexport.sources.models import CONFIGS_DIR, empty_model, read_configs
 
 COMPONENTS = ("unet", "text_encoder")
-
-
-def _sample(names: Iterable[str], n: int = 3) -> str:
-    names = list(names)
-    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,11 +175,20 @@ def _pattern_value(patterns: Mapping[str, object], name: str):
 
 def read_lora(path: str | Path) -> LoraFile:
     """Read a LoRA file (.safetensors, or a .ckpt/.pt/.bin state dict) into :class:`LoraModule` entries."""
-    from sdexport.sources.single_file import Checkpoint
-
     path = Path(path)
-    checkpoint = Checkpoint.open(path)
-    with checkpoint:
+    tensors, metadata = _read_tensors(path)
+    groups, layouts = _group_by_module(tensors, path)
+    config = _peft_metadata(metadata, path)
+    modules = [m for key, group in groups.items() if (m := _module(key, group, config, path)) is not None]
+    if not modules:
+        raise SourceError(f"{path}: a LoRA file without any complete module")
+    layout = "kohya" if layouts == {"kohya"} else ("peft" if "peft" in layouts else "diffusers-old")
+    return LoraFile(path, layout, modules)
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the file and its metadata, after refusing full models and other adapter kinds."""
+    with Checkpoint.open(path) as checkpoint:
         keys = checkpoint.keys()
         if not keys:
             raise SourceError(f"{path}: no tensors in this file")
@@ -195,82 +203,93 @@ def read_lora(path: str | Path) -> LoraFile:
             if hits:
                 raise SourceError(f"{path}: {what} ({hits[0]}): only LoRA / LoCon files (lora_A/lora_B, "
                                   "lora_down/lora_up) can be fused")
-        tensors = {k: checkpoint.get(k) for k in keys}
-        metadata = checkpoint.metadata
+        return {k: checkpoint.get(k) for k in keys}, checkpoint.metadata
 
-    groups: dict[tuple[str | None, str, bool], dict] = {}
+
+_GroupKey = tuple[str | None, str, bool]  # (component, module name, kohya-flattened name)
+
+
+def _classify(key: str) -> tuple[_GroupKey, str, str | None] | None:
+    """(the module's group, which of its tensors this key is, the file layout it shows) or None.
+
+    The tensor is "down", "up", "alpha", "bias", or "A.bias" (a bias on PEFT's down matrix, which no
+    layer can take); alpha keys alone do not show a layout.
+    """
+    if m := _KOHYA.match(key):
+        part = {"lora_down": "down", "lora_up": "up", "alpha": "alpha"}[m.group(3).split(".")[0]]
+        return (_KOHYA_COMPONENT[m.group(1)], m.group(2), True), part, "kohya"
+    if m := _PEFT.match(key):
+        component, name = _split_component(m.group(1))
+        down = m.group(2) == "A"
+        part = ("A.bias" if down else "bias") if m.group(3) == "bias" else ("down" if down else "up")
+        return (component, name, False), part, "peft"
+    if m := _OLD_PROC.match(key):  # to_q_lora style: the projection is in the name
+        component, name = _split_component(m.group(1))
+        which, component = m.group(2), component or "unet"
+        name = f"{name}.{_TEXT_OLD[which]}" if component == "text_encoder" else \
+            f"{name}.{'to_out.0' if which == 'to_out' else which}"
+        return (component, name, False), m.group(3), "diffusers-old"
+    if m := _OLD.match(key):
+        component, name = _split_component(m.group(1))
+        return (component or "unet", name, False), m.group(2), "diffusers-old"
+    if m := _ALPHA.match(key):
+        component, name = _split_component(m.group(1))
+        return (component or "unet", name, False), "alpha", None
+    return None
+
+
+def _group_by_module(tensors: Mapping[str, torch.Tensor], path: Path) -> tuple[dict[_GroupKey, dict], set[str]]:
+    """The file's tensors grouped per adapted module ({"down", "up", "alpha", "bias", "key"}), and its layouts."""
+    groups: dict[_GroupKey, dict] = {}
     layouts: set[str] = set()
     unknown: list[str] = []
     for key, value in tensors.items():
-        if m := _KOHYA.match(key):
-            group = groups.setdefault((_KOHYA_COMPONENT[m.group(1)], m.group(2), True), {})
-            part = m.group(3).split(".")[0]
-            group[{"lora_down": "down", "lora_up": "up", "alpha": "alpha"}[part]] = value
-            group.setdefault("key", key)
-            layouts.add("kohya")
-        elif m := _PEFT.match(key):
-            component, name = _split_component(m.group(1))
-            group = groups.setdefault((component, name, False), {})
-            if m.group(3) == "bias":
-                if m.group(2) == "A":
-                    unknown.append(key)
-                group["bias"] = value
-            else:
-                group["down" if m.group(2) == "A" else "up"] = value
-            group.setdefault("key", key)
-            layouts.add("peft")
-        elif (m := _OLD_PROC.match(key)) or (m := _OLD.match(key)):
-            component, name = _split_component(m.group(1))
-            if len(m.groups()) == 3:  # to_q_lora style
-                which, direction = m.group(2), m.group(3)
-                component = component or "unet"
-                name = f"{name}.{_TEXT_OLD[which]}" if component == "text_encoder" else \
-                    f"{name}.{'to_out.0' if which == 'to_out' else which}"
-            else:
-                direction = m.group(2)
-            group = groups.setdefault((component or "unet", name, False), {})
-            group[direction] = value
-            group.setdefault("key", key)
-            layouts.add("diffusers-old")
-        elif m := _ALPHA.match(key):
-            component, name = _split_component(m.group(1))
-            groups.setdefault((component or "unet", name, False), {})["alpha"] = value
-        else:
+        found = _classify(key)
+        if found is None:
             unknown.append(key)
+            continue
+        group_key, part, layout = found
+        if part == "A.bias":
+            unknown.append(key)
+            part = "bias"
+        group = groups.setdefault(group_key, {})
+        group[part] = value
+        if layout is not None:
+            group.setdefault("key", key)
+            layouts.add(layout)
     if not layouts:
         raise SourceError(f"{path}: not a LoRA file (no lora_A/lora_B or lora_down/lora_up tensors; "
-                          f"keys like {_sample(sorted(keys))})")
+                          f"keys like {sample_names(sorted(tensors))})")
     if unknown:
-        raise SourceError(f"{path}: tensors that are not LoRA weights: {_sample(unknown)}")
+        raise SourceError(f"{path}: tensors that are not LoRA weights: {sample_names(unknown)}")
+    return groups, layouts
 
-    config = _peft_metadata(metadata, path)
-    modules: list[LoraModule] = []
-    for (component, name, flat), group in groups.items():
-        if "down" not in group or "up" not in group:
-            if set(group) <= {"alpha"}:
-                continue  # an alpha without weights (some trainers keep them for frozen modules)
-            raise SourceError(f"{path}: module {name} has a lora {'down' if 'down' in group else 'up'} matrix "
-                              "but not its partner")
-        down, up = group["down"], group["up"]
-        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
-            raise SourceError(f"{path}: module {name}: down {list(down.shape)} and up {list(up.shape)} do not "
-                              "form a low-rank pair")
-        fields = config.get(component or "", config.get("", {}))
-        rank = int(down.shape[0])
-        if "alpha" in group:
-            alpha = float(group["alpha"].float().item())
-        elif fields:
-            found = _pattern_value(fields.get("alpha_pattern") or {}, name)
-            alpha = float(found if found is not None else fields.get("lora_alpha", rank))
-        else:
-            alpha = float(rank)
-        modules.append(LoraModule(component or "", name, flat, down, up, alpha,
-                                  rslora=bool(fields.get("use_rslora", False)) if fields else False,
-                                  bias=group.get("bias"), key=group.get("key", name)))
-    if not modules:
-        raise SourceError(f"{path}: a LoRA file without any complete module")
-    layout = "kohya" if layouts == {"kohya"} else ("peft" if "peft" in layouts else "diffusers-old")
-    return LoraFile(path, layout, modules)
+
+def _module(key: _GroupKey, group: dict, config: Mapping[str, dict], path: Path) -> LoraModule | None:
+    """One module from its group of tensors; None for an alpha without weights (some trainers keep
+    them for frozen modules)."""
+    component, name, flat = key
+    if "down" not in group or "up" not in group:
+        if set(group) <= {"alpha"}:
+            return None
+        raise SourceError(f"{path}: module {name} has a lora {'down' if 'down' in group else 'up'} matrix "
+                          "but not its partner")
+    down, up = group["down"], group["up"]
+    if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
+        raise SourceError(f"{path}: module {name}: down {list(down.shape)} and up {list(up.shape)} do not "
+                          "form a low-rank pair")
+    fields = config.get(component or "", config.get("", {}))
+    rank = int(down.shape[0])
+    if "alpha" in group:
+        alpha = float(group["alpha"].float().item())
+    elif fields:
+        found = _pattern_value(fields.get("alpha_pattern") or {}, name)
+        alpha = float(found if found is not None else fields.get("lora_alpha", rank))
+    else:
+        alpha = float(rank)
+    return LoraModule(component or "", name, flat, down, up, alpha,
+                      rslora=bool(fields.get("use_rslora", False)) if fields else False,
+                      bias=group.get("bias"), key=group.get("key", name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,8 +312,6 @@ class ModelLayers:
     @classmethod
     def from_modules(cls, modules: Mapping[str, torch.nn.Module], unet_config: Mapping | None = None,
                      description: str = "this model") -> "ModelLayers":
-        from sdexport.sources.single_file import unet_name_to_ldm
-
         shapes: dict[str, dict[str, tuple[int, ...]]] = {}
         flat: dict[str, dict[str, str]] = {}
         for component, model in modules.items():
@@ -317,8 +334,6 @@ class ModelLayers:
     @classmethod
     def of(cls, source) -> "ModelLayers":
         """From a source's configs, on the meta device (no weights are read)."""
-        from sdexport.sources.single_file import empty_model
-
         modules = {"unet": empty_model("unet", source.unet_config),
                    "text_encoder": empty_model("text_encoder", source.text_encoder_config)}
         return cls.from_modules(modules, source.unet_config, describe_model(source.unet_config))
@@ -327,8 +342,6 @@ class ModelLayers:
     @functools.cache
     def known(cls) -> "ModelLayers":
         """Every layer name of the SD 1.x and SD 2.x architectures (configs shipped with sdexport)."""
-        from sdexport.sources.single_file import CONFIGS_DIR, empty_model, read_configs
-
         merged = cls({c: {} for c in COMPONENTS}, {c: {} for c in COMPONENTS}, "SD 1.x / 2.x")
         for family in ("sd1", "sd2-v"):
             configs = read_configs(CONFIGS_DIR / family)
@@ -418,7 +431,7 @@ def resolve(lora: LoraFile, layers: ModelLayers, scale: float = 1.0) -> list[App
     other = f" (it looks like a LoRA for {guess})" if guess and guess not in layers.description else ""
     if unmatched and not applied and not wrong:
         raise SourceError(f"{lora.path}: none of its {len(lora.modules)} LoRA modules match {layers.description}"
-                          f"{other}, e.g. {_sample(unmatched)}")
+                          f"{other}, e.g. {sample_names(unmatched)}")
     if wrong:
         module, target, shape = wrong[0]
         lora_shape = (module.up.shape[0], *module.down.shape[1:])
@@ -426,7 +439,7 @@ def resolve(lora: LoraFile, layers: ModelLayers, scale: float = 1.0) -> list[App
                           f"{_io(lora_shape)} layer but {target} of {layers.description} is {_io(shape)}")
     if unmatched:
         raise SourceError(f"{lora.path}: {len(unmatched)} of its {len(lora.modules)} LoRA modules match nothing in "
-                          f"{layers.description}{other}, e.g. {_sample(unmatched)}")
+                          f"{layers.description}{other}, e.g. {sample_names(unmatched)}")
     return applied
 
 
@@ -487,8 +500,6 @@ def refit_set(source) -> dict[str, torch.Tensor]:
 
 def write_refit_set(source, out: str | Path) -> Path:
     """Write :func:`refit_set` as a safetensors file (written beside and renamed: never half-written)."""
-    from sdexport.sources.single_file import save_safetensors
-
     tensors = refit_set(source)
     if not tensors:
         raise SourceError("no LoRA given: a refit set holds the weights that LoRAs change")
@@ -518,8 +529,6 @@ def merge_loras(inputs: Sequence, out: str | Path, layout: str = "diffusers", mo
     metadata is needed) or ``"kohya"`` (``lora_unet_*``/``lora_te_*`` with ``.alpha`` = rank). Kohya names are
     resolved against ``model`` (a model source) or, by default, the SD 1.x/2.x architectures.
     """
-    from sdexport.sources.single_file import save_safetensors
-
     if layout not in ("diffusers", "kohya"):
         raise OptionError(f"layout {layout!r}: use diffusers or kohya")
     refs = [LoraRef.parse(i) for i in inputs]
@@ -533,6 +542,17 @@ def merge_loras(inputs: Sequence, out: str | Path, layout: str = "diffusers", mo
     if not out.resolve().parent.is_dir():
         raise OptionError(f"{out.resolve().parent}: directory does not exist")
     layers = ModelLayers.of(model) if model is not None else ModelLayers.known()
+    tensors: dict[str, torch.Tensor] = {}
+    for (component, target), parts in _modules_per_layer(refs, layers, model is not None).items():
+        tensors.update(_merged_module(component, target, parts, layout, dtype))
+    meta = {"format": "pt", "sdexport_merge_lora": json.dumps(
+        [{"file": r.path.name, "weight": r.scale} for r in refs])}
+    return save_safetensors(out, tensors, meta)
+
+
+def _modules_per_layer(refs: Sequence[LoraRef], layers: ModelLayers, for_model: bool
+                       ) -> dict[tuple[str, str], list[tuple[LoraModule, float]]]:
+    """Per adapted layer, the modules of every input that adapt it, with the input's weight."""
     blocks: dict[tuple[str, str], list[tuple[LoraModule, float]]] = {}
     for ref in refs:
         if not ref.path.exists():
@@ -546,38 +566,35 @@ def merge_loras(inputs: Sequence, out: str | Path, layout: str = "diffusers", mo
                 continue
             blocks.setdefault(found, []).append((module, ref.scale))
         if unmatched:
-            hint = "" if model is not None else "; pass the model the LoRAs are for"
+            hint = "" if for_model else "; pass the model the LoRAs are for"
             raise SourceError(f"{ref.path}: {len(unmatched)} LoRA modules match no SD 1.x/2.x layer, "
-                              f"e.g. {_sample(unmatched)}{hint}")
+                              f"e.g. {sample_names(unmatched)}{hint}")
+    return blocks
 
-    tensors: dict[str, torch.Tensor] = {}
-    for (component, target), parts in blocks.items():
-        first = parts[0][0]
-        kernel = tuple(first.down.shape[1:])
-        downs, ups, bias = [], [], None
-        for module, weight in parts:
-            c = module.scaling(weight)
-            if math.prod(module.down.shape[1:]) != math.prod(kernel) or module.up.shape[0] != first.up.shape[0]:
-                raise SourceError(f"{module.key}: its shape does not fit the other LoRAs' {target}")
-            downs.append(module.down.float().reshape(module.rank, *kernel))
-            ups.append(module.up.float().reshape(module.up.shape[0], module.rank, *([1] * (len(kernel) - 1))) * c)
-            if module.bias is not None:
-                bias = module.bias.float() * c + (bias if bias is not None else 0)
-        down, up = torch.cat(downs, 0).to(dtype), torch.cat(ups, 1).to(dtype)
-        rank = down.shape[0]
-        if layout == "diffusers":
-            prefix = f"{component}.{target if component == 'unet' else 'text_model.' + target.removeprefix('text_model.')}"
-            tensors[f"{prefix}.lora_A.weight"] = down.contiguous()
-            tensors[f"{prefix}.lora_B.weight"] = up.contiguous()
-            if bias is not None:
-                tensors[f"{prefix}.lora_B.bias"] = bias.to(dtype)
-        else:
-            if bias is not None:
-                raise SourceError(f"{target}: LoRA biases have no kohya layout; write the diffusers layout")
-            prefix = _kohya_name(component, target)
-            tensors[f"{prefix}.lora_down.weight"] = down.contiguous()
-            tensors[f"{prefix}.lora_up.weight"] = up.contiguous()
-            tensors[f"{prefix}.alpha"] = torch.tensor(float(rank), dtype=dtype)
-    meta = {"format": "pt", "sdexport_merge_lora": json.dumps(
-        [{"file": r.path.name, "weight": r.scale} for r in refs])}
-    return save_safetensors(out, tensors, meta)
+
+def _merged_module(component: str, target: str, parts: list[tuple[LoraModule, float]], layout: str,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One layer's merged LoRA tensors: the scaled up matrices side by side, the down matrices stacked."""
+    first = parts[0][0]
+    kernel = tuple(first.down.shape[1:])
+    downs, ups, bias = [], [], None
+    for module, weight in parts:
+        c = module.scaling(weight)
+        if math.prod(module.down.shape[1:]) != math.prod(kernel) or module.up.shape[0] != first.up.shape[0]:
+            raise SourceError(f"{module.key}: its shape does not fit the other LoRAs' {target}")
+        downs.append(module.down.float().reshape(module.rank, *kernel))
+        ups.append(module.up.float().reshape(module.up.shape[0], module.rank, *([1] * (len(kernel) - 1))) * c)
+        if module.bias is not None:
+            bias = module.bias.float() * c + (bias if bias is not None else 0)
+    down, up = torch.cat(downs, 0).to(dtype), torch.cat(ups, 1).to(dtype)
+    if layout == "diffusers":
+        prefix = f"{component}.{target if component == 'unet' else 'text_model.' + target.removeprefix('text_model.')}"
+        out = {f"{prefix}.lora_A.weight": down.contiguous(), f"{prefix}.lora_B.weight": up.contiguous()}
+        if bias is not None:
+            out[f"{prefix}.lora_B.bias"] = bias.to(dtype)
+        return out
+    if bias is not None:
+        raise SourceError(f"{target}: LoRA biases have no kohya layout; write the diffusers layout")
+    prefix = _kohya_name(component, target)
+    return {f"{prefix}.lora_down.weight": down.contiguous(), f"{prefix}.lora_up.weight": up.contiguous(),
+            f"{prefix}.alpha": torch.tensor(float(down.shape[0]), dtype=dtype)}

@@ -20,12 +20,15 @@ resident memory until the map closes). ``benchmarks/bench_merge.py`` measures th
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 
 from sdexport.errors import OptionError, SourceError
+from sdexport.sources.checkpoint import Checkpoint, SafetensorsWriter
+from sdexport.sources.detect import detect
 
 METHODS = ("weighted", "add-difference")
 SKIP_PREFIXES = ("model_ema.",)
@@ -33,9 +36,7 @@ CHUNK_BYTES = 16 * 1024 * 1024  # rows of a large tensor read, merged and writte
 INPAINT_CONV_IN = ("model.diffusion_model.input_blocks.0.0.weight", "unet.conv_in.weight")
 
 
-def _check_is_model(checkpoint) -> None:
-    from sdexport.sources.single_file import detect
-
+def _check_is_model(checkpoint: Checkpoint) -> None:
     detect(checkpoint.tensors, checkpoint.path)  # a LoRA, an SDXL file, a VAE ... -> SourceError
 
 
@@ -89,15 +90,37 @@ def merge_checkpoints(a: str | Path, b: str | Path, alpha: float, out: str | Pat
     Returns a summary (counts of merged / copied / partially merged tensors). Nothing is written
     unless the whole merge succeeds (the output is written beside its name and renamed at the end).
     """
-    from sdexport.sources.single_file import Checkpoint, SafetensorsWriter
+    out = Path(out)
+    inputs = [Path(p) for p in (a, b, base) if p is not None]
+    _check_options(method, base, out, inputs, overwrite)
+    alpha = float(alpha)
+    with contextlib.ExitStack() as stack:
+        cks = [stack.enter_context(Checkpoint.open(p)) for p in inputs]
+        for ck in cks:
+            _check_is_model(ck)
+        names = _shared_names(cks)
+        partial = _partially_shared(cks, names)
+        ca, cb, cc = cks[0], cks[1], cks[2] if base is not None else None
+        meta = {"format": "pt", "sdexport_merge": json.dumps({
+            "method": method, "alpha": alpha, "a": ca.path.name, "b": cb.path.name,
+            "base": cc.path.name if cc is not None else None})}
+        counts = {"merged": 0, "copied": 0, "partial": len(partial), "skipped": len(ca.keys()) - len(names)}
+        blocks = _Blocks()
+        with SafetensorsWriter(out, [(k, ca.tensors[k].dtype, ca.tensors[k].shape) for k in names], meta) as writer:
+            for k in names:
+                counts["merged" if ca.tensors[k].dtype.is_floating_point else "copied"] += 1
+                if k in partial:
+                    writer.write(k, _merge_partial(k, cks, alpha, method))
+                else:
+                    _merge_streamed(writer, k, cks, alpha, method, blocks)
+        return {"out": str(out), "method": method, "alpha": alpha, "tensors": counts}
 
+
+def _check_options(method: str, base, out: Path, inputs: list[Path], overwrite: bool) -> None:
     if method not in METHODS:
         raise OptionError(f"merge method {method!r}: use {' or '.join(METHODS)}")
     if (method == "add-difference") != (base is not None):
         raise OptionError("add-difference needs --base C (A + alpha * (B - C)); weighted takes no base")
-    alpha = float(alpha)
-    out = Path(out)
-    inputs = [Path(p) for p in (a, b, base) if p is not None]
     if out.suffix != ".safetensors":
         raise OptionError(f"{out}: the merged checkpoint is written as .safetensors")
     for p in inputs:
@@ -108,69 +131,67 @@ def merge_checkpoints(a: str | Path, b: str | Path, alpha: float, out: str | Pat
     if not out.resolve().parent.is_dir():
         raise OptionError(f"{out.resolve().parent}: directory does not exist")
 
-    cks = [Checkpoint.open(p) for p in inputs]
-    try:
-        for ck in cks:
-            _check_is_model(ck)
-        ca, cb = cks[0], cks[1]
-        cc = cks[2] if base is not None else None
-        names = [k for k in ca.keys() if not k.startswith(SKIP_PREFIXES)]
-        others = [ck for ck in cks[1:]]
-        for ck in others:
-            own = {k for k in ck.keys() if not k.startswith(SKIP_PREFIXES)}
-            missing = [k for k in names if k not in own]
-            extra = sorted(own - set(names))
-            if missing or extra:
-                raise SourceError(
-                    f"{ck.path} does not have the layout of {ca.path}: "
-                    + "; ".join(filter(None, [
-                        f"{len(missing)} tensors missing, e.g. {', '.join(missing[:3])}" if missing else "",
-                        f"{len(extra)} extra, e.g. {', '.join(extra[:3])}" if extra else ""]))
-                    + " (merge models of the same family)")
-        partial = set()
-        for k in names:
-            shapes = [ck.tensors[k].shape for ck in cks]
-            if len(set(shapes)) == 1:
-                continue
-            sa, rest = shapes[0], shapes[1:]
-            if k in INPAINT_CONV_IN and all(len(s) == 4 and s[0] == sa[0] and s[2:] == sa[2:] and s[1] < sa[1]
-                                            and s == rest[0] for s in rest):
-                partial.add(k)
-                continue
-            raise SourceError(f"{k} is {list(sa)} in {ca.path} but {list(rest[0])} in {cks[1].path} "
-                              "(merge models of the same family)")
 
-        meta = {"format": "pt", "sdexport_merge": json.dumps({
-            "method": method, "alpha": alpha, "a": ca.path.name, "b": cb.path.name,
-            "base": cc.path.name if cc is not None else None})}
-        counts = {"merged": 0, "copied": 0, "partial": len(partial), "skipped": len(ca.keys()) - len(names)}
-        blocks = _Blocks()
-        with SafetensorsWriter(out, [(k, ca.tensors[k].dtype, ca.tensors[k].shape) for k in names], meta) as writer:
-            for k in names:
-                info = ca.tensors[k]
-                counts["merged" if info.dtype.is_floating_point else "copied"] += 1
-                if k in partial:
-                    ta, tb = ca.get(k), cb.get(k)
-                    tc = cc.get(k) if cc is not None else None
-                    n = tb.shape[1]
-                    merged = ta.clone()
-                    merged[:, :n] = merge_tensor(ta[:, :n], tb, alpha, method, tc)
-                    writer.write(k, merged)
-                    continue
-                if not info.shape:
-                    writer.write(k, merge_tensor(ca.get(k), cb.get(k), alpha, method, cc.get(k) if cc is not None else None))
-                    continue
-                # The formulas are elementwise: large tensors go through in blocks of rows.
-                row = max(1, info.nbytes // info.shape[0])
-                step = max(1, CHUNK_BYTES // row)
-                size = min(step, info.shape[0]) * row
-                for start in range(0, info.shape[0], step):
-                    stop = min(start + step, info.shape[0])
-                    tc = cc.get_rows(k, start, stop, blocks.raw("c", size)) if cc is not None else None
-                    writer.write_rows(k, blocks.merge(ca.get_rows(k, start, stop, blocks.raw("a", size)),
-                                                      cb.get_rows(k, start, stop, blocks.raw("b", size)),
-                                                      alpha, method, tc))
-        return {"out": str(out), "method": method, "alpha": alpha, "tensors": counts}
-    finally:
-        for ck in cks:
-            ck.close()
+def _shared_names(cks: list[Checkpoint]) -> list[str]:
+    """A's tensor names (EMA copies left out); every other input must have exactly these."""
+    ca = cks[0]
+    names = [k for k in ca.keys() if not k.startswith(SKIP_PREFIXES)]
+    for ck in cks[1:]:
+        own = {k for k in ck.keys() if not k.startswith(SKIP_PREFIXES)}
+        missing = [k for k in names if k not in own]
+        extra = sorted(own - set(names))
+        if missing or extra:
+            raise SourceError(
+                f"{ck.path} does not have the layout of {ca.path}: "
+                + "; ".join(filter(None, [
+                    f"{len(missing)} tensors missing, e.g. {', '.join(missing[:3])}" if missing else "",
+                    f"{len(extra)} extra, e.g. {', '.join(extra[:3])}" if extra else ""]))
+                + " (merge models of the same family)")
+    return names
+
+
+def _partially_shared(cks: list[Checkpoint], names: list[str]) -> set[str]:
+    """Tensors whose shapes differ only as an inpainting A's input convolution differs from an
+    ordinary model's (more input channels in A); any other difference is an error."""
+    partial = set()
+    for k in names:
+        shapes = [ck.tensors[k].shape for ck in cks]
+        if len(set(shapes)) == 1:
+            continue
+        sa, rest = shapes[0], shapes[1:]
+        if k in INPAINT_CONV_IN and all(len(s) == 4 and s[0] == sa[0] and s[2:] == sa[2:] and s[1] < sa[1]
+                                        and s == rest[0] for s in rest):
+            partial.add(k)
+            continue
+        raise SourceError(f"{k} is {list(sa)} in {cks[0].path} but {list(rest[0])} in {cks[1].path} "
+                          "(merge models of the same family)")
+    return partial
+
+
+def _merge_partial(k: str, cks: list[Checkpoint], alpha: float, method: str) -> torch.Tensor:
+    """A's tensor with the input channels the others share merged, A's extra (mask) channels kept."""
+    ta, tb = cks[0].get(k), cks[1].get(k)
+    tc = cks[2].get(k) if len(cks) > 2 else None
+    n = tb.shape[1]
+    merged = ta.clone()
+    merged[:, :n] = merge_tensor(ta[:, :n], tb, alpha, method, tc)
+    return merged
+
+
+def _merge_streamed(writer: SafetensorsWriter, k: str, cks: list[Checkpoint], alpha: float, method: str,
+                    blocks: _Blocks) -> None:
+    """One tensor, merged and appended in blocks of rows (the formulas are elementwise)."""
+    ca, cb, cc = cks[0], cks[1], cks[2] if len(cks) > 2 else None
+    info = ca.tensors[k]
+    if not info.shape:
+        writer.write(k, merge_tensor(ca.get(k), cb.get(k), alpha, method, cc.get(k) if cc is not None else None))
+        return
+    row = max(1, info.nbytes // info.shape[0])
+    step = max(1, CHUNK_BYTES // row)
+    size = min(step, info.shape[0]) * row
+    for start in range(0, info.shape[0], step):
+        stop = min(start + step, info.shape[0])
+        tc = cc.get_rows(k, start, stop, blocks.raw("c", size)) if cc is not None else None
+        writer.write_rows(k, blocks.merge(ca.get_rows(k, start, stop, blocks.raw("a", size)),
+                                          cb.get_rows(k, start, stop, blocks.raw("b", size)),
+                                          alpha, method, tc))

@@ -71,7 +71,7 @@ def resolve_device(options: SessionOptions, available: list[str]) -> str:
     return device
 
 
-def compile_config(options: SessionOptions, device: str, available: list[str]) -> dict:
+def compile_config(options: SessionOptions, device: str, available: list[str], content: str = "") -> dict:
     """The properties ``compile_model`` gets. For AUTO, hardware settings go to each candidate device."""
     hint = options.precision_hint or "f32"
     precision = PRECISION_HINTS.get(str(hint).lower())
@@ -97,9 +97,16 @@ def compile_config(options: SessionOptions, device: str, available: list[str]) -
         # One subdirectory per configuration. OpenVINO 2026.4's CPU plugin names the cached blob by
         # the model alone: a bf16 compile that imports a blob an f32 compile wrote runs, but gives
         # wrong results (max error 1.1 on the tiny U-Net, measured), so configurations never share one.
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+        # The files' content hash is part of the key too: compiled from a path, OpenVINO keys on the
+        # .xml, so a .bin replaced in place was served from the stale blob.
+        digest = hashlib.sha256((json.dumps(config, sort_keys=True) + content).encode()).hexdigest()[:10]
         path = Path(cache) / f"{device.lower()}-{precision}-{digest}"
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            if options.cache_dir is not None:
+                raise BackendError(f"OpenVINO cache_dir {cache}: cannot create {path}") from None
+            return config  # an unwritable default cache: compile every time rather than fail
         config["CACHE_DIR"] = str(path)
     return config
 
@@ -134,7 +141,8 @@ class OpenVinoSession:
         ov_core = core()
         available = list(ov_core.available_devices)
         self.device = resolve_device(options, available)
-        self.config = compile_config(options, self.device, available)
+        content = "".join(f.sha256 for f in component.files)
+        self.config = compile_config(options, self.device, available, content)
         self.winograd_convolutions = 0
         tiles = winograd_tiles(component, options, self.device, self.config)
         if tiles or weights != xml.with_suffix(".bin"):
@@ -177,10 +185,25 @@ class OpenVinoSession:
         try:
             # share_inputs: the request reads our (contiguous, checked) arrays in place;
             # share_outputs=False: results are copies, since the next call overwrites the request's tensors.
-            results = self._request.infer(feeds, share_inputs=True, share_outputs=False)
+            results = self._infer(feeds)
+        except KeyboardInterrupt:
+            raise
         except Exception as e:
             raise BackendError(f"{self.component.name}: OpenVINO inference failed ({_first_line(e)})") from None
         return {name: results[port] for name, port in self._outputs}
+
+
+    def _infer(self, feeds):
+        """An asynchronous request waited on in short slices: a blocking ``infer`` holds the GIL's
+        signal handling back until it returns (minutes at 2048x2048), so Ctrl-C would not stop it."""
+        self._request.start_async(feeds, share_inputs=True)
+        try:
+            while not self._request.wait_for(100):
+                pass
+        except KeyboardInterrupt:
+            self._request.cancel()
+            raise
+        return {port: self._request.get_tensor(port).data.copy() for _, port in self._outputs}
 
 
 def open_session(component: Component, root: Path, options: SessionOptions) -> OpenVinoSession:

@@ -52,6 +52,10 @@ class Scheduler:
     _zero_snr_floor: ClassVar[bool] = False
     #: diffusers' integer timesteps (DDIM, DPM-Solver, ...) or float32 ones (Euler, LMS, Heun).
     _timestep_dtype: ClassVar[type] = np.int64
+    #: whether ``step`` works before ``set_timesteps``, walking the timesteps set up at construction
+    #: (the training ones, or LMS's and Heun's ``set_timesteps(num_train_timesteps)``); only where
+    #: diffusers allows it, so that code ported either way behaves the same.
+    _steps_before_set_timesteps: ClassVar[bool] = False
 
     def __init__(self, config: BaseConfig | Mapping[str, Any] | None = None, **changes: Any):
         """``config``: a scheduler_config.json dict or this class's Config; ``changes`` override keys."""
@@ -89,9 +93,12 @@ class Scheduler:
         """Choose the run's ``timesteps`` (and ``sigmas``) and reset the per-run state."""
         raise NotImplementedError
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, rng=None) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, *, rng=None) -> np.ndarray:
         """The sample at the next timestep, given the network's output at ``timestep``. ``rng``
-        (``runtime.rng.make_rng``) is required by the schedulers that draw noise (``stochastic``)."""
+        (``runtime.rng.make_rng``) is required by the schedulers that draw noise (``stochastic``).
+
+        Arguments after ``sample`` are keyword-only: diffusers' fourth positional argument is DDIM's
+        ``eta``, and code ported from diffusers must fail here rather than pass it as something else."""
         raise NotImplementedError
 
     # --- step bookkeeping --------------------------------------------------------------------
@@ -117,7 +124,7 @@ class Scheduler:
     def _begin_step(self, model_output, sample) -> tuple[np.ndarray, np.ndarray]:
         """Checks that a run is set up; the two arrays as float32 (a float16 network output would
         otherwise drag parts of the update into float16)."""
-        if self.num_inference_steps is None:
+        if self.num_inference_steps is None and not self._steps_before_set_timesteps:
             raise RuntimeError(f"{type(self).__name__}: call set_timesteps() before step()")
         return np.asarray(model_output, dtype=np.float32), np.asarray(sample, dtype=np.float32)
 

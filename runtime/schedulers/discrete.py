@@ -98,7 +98,9 @@ class DDIMScheduler(Scheduler):
         self.num_inference_steps = num_inference_steps
         self._reset()
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, rng=None, eta: float = 0.0) -> np.ndarray:
+    def step(
+        self, model_output: np.ndarray, timestep, sample: np.ndarray, *, rng=None, eta: float = 0.0
+    ) -> np.ndarray:
         model_output, sample = self._begin_step(model_output, sample)
         c = self.config
         t = int(timestep)
@@ -142,6 +144,7 @@ class DDPMScheduler(Scheduler):
     Config = DDPMConfig
     diffusers_name = "DDPMScheduler"
     stochastic = True
+    _steps_before_set_timesteps = True  # over the training timesteps, each to the one before it
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         self.timesteps = _integer_timesteps(self.config, num_inference_steps)
@@ -152,7 +155,7 @@ class DDPMScheduler(Scheduler):
         index = int(np.flatnonzero(self.timesteps == t)[0])
         return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, rng=None) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, *, rng=None) -> np.ndarray:
         model_output, sample = self._begin_step(model_output, sample)
         c = self.config
         t = int(timestep)
@@ -231,7 +234,7 @@ class PNDMScheduler(Scheduler):
         self._clear_history()
         self._reset()
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, rng=None) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, *, rng=None) -> np.ndarray:
         model_output, sample = self._begin_step(model_output, sample)
         if self._counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
             prev_sample = self._step_prk(model_output, int(timestep), sample)
@@ -344,7 +347,7 @@ class LCMScheduler(Scheduler):
         self.denoised = None
         self._reset()
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, rng=None) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, *, rng=None) -> np.ndarray:
         model_output, sample = self._begin_step(model_output, sample)
         self._init_step_index(timestep)
         c = self.config

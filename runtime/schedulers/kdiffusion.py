@@ -104,6 +104,11 @@ class LMSDiscreteScheduler(_KDiffusionScheduler):
     diffusers_name = "LMSDiscreteScheduler"
     _karras_reads_config_limits = False
     _max_order = 4
+    _steps_before_set_timesteps = True
+
+    def __init__(self, config=None, **changes):
+        super().__init__(config, **changes)
+        self.set_timesteps(self.config.num_train_timesteps)  # diffusers starts this way
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         timesteps = _float_timesteps(self.config, num_inference_steps)
@@ -114,7 +119,7 @@ class LMSDiscreteScheduler(_KDiffusionScheduler):
         self._weights: dict[tuple[int, int], list[np.float32]] = {}
         self._start_run(num_inference_steps)
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, rng=None) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, *, rng=None) -> np.ndarray:
         model_output, sample = self._begin_step(model_output, sample)
         self._init_step_index(timestep)
         i = self._step_index
@@ -153,6 +158,16 @@ class EulerDiscreteScheduler(_KDiffusionScheduler):
     Config = EulerConfig
     diffusers_name = "EulerDiscreteScheduler"
     _zero_snr_floor = True
+    _steps_before_set_timesteps = True
+
+    def __init__(self, config=None, **changes):
+        super().__init__(config, **changes)
+        if self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction":
+            self.timesteps = self._continuous_timesteps()
+
+    def _continuous_timesteps(self) -> np.ndarray:
+        """Networks trained on continuous noise levels (EDM-style v models) take c_noise = log(sigma) / 4."""
+        return np.array([F32(0.25) * log(s) for s in self.sigmas[:-1]], dtype=F32)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         c = self.config
@@ -165,13 +180,12 @@ class EulerDiscreteScheduler(_KDiffusionScheduler):
             sigma_last = 0.0
         self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(F32)
         if c.timestep_type == "continuous" and c.prediction_type == "v_prediction":
-            # Networks trained on continuous noise levels (EDM-style v models) take c_noise = log(sigma) / 4.
-            self.timesteps = np.array([F32(0.25) * log(s) for s in self.sigmas[:-1]], dtype=F32)
+            self.timesteps = self._continuous_timesteps()
         else:
             self.timesteps = np.asarray(timesteps).astype(F32)
         self._start_run(num_inference_steps)
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, rng=None) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, *, rng=None) -> np.ndarray:
         model_output, sample = self._begin_step(model_output, sample)
         self._init_step_index(timestep)
         i = self._step_index
@@ -201,6 +215,7 @@ class EulerAncestralDiscreteScheduler(_KDiffusionScheduler):
     diffusers_name = "EulerAncestralDiscreteScheduler"
     stochastic = True
     _zero_snr_floor = True
+    _steps_before_set_timesteps = True
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         timesteps = _float_timesteps(self.config, num_inference_steps)
@@ -210,7 +225,7 @@ class EulerAncestralDiscreteScheduler(_KDiffusionScheduler):
         self.timesteps = timesteps
         self._start_run(num_inference_steps)
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, rng=None) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, *, rng=None) -> np.ndarray:
         model_output, sample = self._begin_step(model_output, sample)
         self._init_step_index(timestep)
         i = self._step_index
@@ -247,6 +262,11 @@ class HeunDiscreteScheduler(_KDiffusionScheduler):
     Config = HeunConfig
     diffusers_name = "HeunDiscreteScheduler"
     order = 2
+    _steps_before_set_timesteps = True
+
+    def __init__(self, config=None, **changes):
+        super().__init__(config, **changes)
+        self.set_timesteps(self.config.num_train_timesteps)  # diffusers starts this way
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         timesteps = _float_timesteps(self.config, num_inference_steps)
@@ -262,7 +282,7 @@ class HeunDiscreteScheduler(_KDiffusionScheduler):
     def state_in_first_order(self) -> bool:
         return self._first_stage is None
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, rng=None) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, *, rng=None) -> np.ndarray:
         model_output, sample = self._begin_step(model_output, sample)
         self._init_step_index(timestep)
         c = self.config

@@ -184,7 +184,7 @@ class DPMSolverMultistepScheduler(_MultistepScheduler):
         sigma_last = self._sigma_min_of_training() if c.final_sigmas_type == "sigma_min" else 0.0
         self._start_run(timesteps, np.concatenate([sigmas, [sigma_last]]))
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, rng=None) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, *, rng=None) -> np.ndarray:
         model_output, sample = self._begin_step(model_output, sample)
         self._init_step_index(timestep)
         c = self.config
@@ -286,7 +286,7 @@ class UniPCMultistepScheduler(_MultistepScheduler):
             **extra,
         )  # fmt: skip
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, rng=None) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, *, rng=None) -> np.ndarray:
         model_output, sample = self._begin_step(model_output, sample)
         self._init_step_index(timestep)
         c = self.config

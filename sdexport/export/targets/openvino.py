@@ -321,7 +321,7 @@ class OpenVinoTarget(Target):
             if effective == "fp32":
                 from sdexport.export.targets.winograd_tuning import plan as winograd_plan
 
-                threads = int(options.backend_options.get("threads") or 0)
+                threads = options.backend.threads or 0
                 winograd = winograd_plan(model, settings.winograd, threads=threads, label=spec.name)
                 if winograd is not None:
                     details["winograd"] = winograd

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from pathlib import Path
-import abc
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -22,6 +22,9 @@ from sdexport.options import (
     TensorRTOptions,
     ValidationOptions,
 )
+
+if TYPE_CHECKING:
+    from sdexport.quantize.calibration import CalibrationSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,7 @@ class ExportOptions:
     validation: ValidationOptions = ValidationOptions()
     # In code only (benchmarks): the calibration runs in full, a quantize.calibration.CalibrationSettings;
     # the [quantize] calibration_prompts / calibration_steps of a profile or the flags apply on top.
-    calibration: Any = None
+    calibration: CalibrationSettings | None = None
 
     def __post_init__(self):
         if self.cfg not in CFG_MODES:

@@ -480,7 +480,7 @@ def load_loras(refs: Iterable, layers: ModelLayers) -> tuple[list[LoraFile], lis
 def refit_set(source) -> dict[str, torch.Tensor]:
     """``{"<component>.<parameter name>": fused tensor}`` for every parameter the source's LoRAs change.
 
-    ``source`` is what :func:`sdexport.sources.diffusers.open_source` returns with ``loras``; names are diffusers
+    ``source`` is what :func:`sdexport.sources.open.open_source` returns with ``loras``; names are diffusers
     parameter names (the U-Net's as in ``UNet2DConditionModel.state_dict()``) behind the component name.
     """
     out: dict[str, torch.Tensor] = {}

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 
 from runtime.manifest import ModelInfo, TensorSpec
+from sdexport.sources.base import Source
+from sdexport.sources.diffusers import ControlNetSource
 
 # --- torch wrappers: positional tensors in, a tuple of tensors out ------------------------------
 
@@ -117,7 +119,7 @@ def residual_layout(unet_config: dict) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def model_info(source) -> ModelInfo:
+def model_info(source: Source) -> ModelInfo:
     unet, vae, text = source.unet_config, source.vae_config, source.text_encoder_config
     sched = source.scheduler_config
     prediction = sched.get("prediction_type", "epsilon")
@@ -234,7 +236,7 @@ def controlnet_output_names(info: ModelInfo) -> list[str]:
     return [f"down_block_res_sample_{i}" for i in range(k)] + ["mid_block_res_sample"]
 
 
-def text_encoder_spec(source, info: ModelInfo) -> ComponentSpec:
+def text_encoder_spec(source: Source, info: ModelInfo) -> ComponentSpec:
     seq, hidden = info.max_length, info.text_hidden_size
     vocab = int(source.text_encoder_config.get("vocab_size", 49408))
 
@@ -257,7 +259,7 @@ def text_encoder_spec(source, info: ModelInfo) -> ComponentSpec:
     )
 
 
-def unet_spec(source, info: ModelInfo, control: bool = False) -> ComponentSpec:
+def unet_spec(source: Source, info: ModelInfo, control: bool = False) -> ComponentSpec:
     seq, hidden = info.max_length, info.text_hidden_size
     inputs = [
         _f32("sample", "N", info.unet_in_channels, "h", "w"),
@@ -293,7 +295,7 @@ def unet_spec(source, info: ModelInfo, control: bool = False) -> ComponentSpec:
     )
 
 
-def vae_encoder_spec(source, info: ModelInfo) -> ComponentSpec:
+def vae_encoder_spec(source: Source, info: ModelInfo) -> ComponentSpec:
     c = info.latent_channels
 
     def example(shape: Shape, gen: torch.Generator):
@@ -310,7 +312,7 @@ def vae_encoder_spec(source, info: ModelInfo) -> ComponentSpec:
     )
 
 
-def vae_decoder_spec(source, info: ModelInfo) -> ComponentSpec:
+def vae_decoder_spec(source: Source, info: ModelInfo) -> ComponentSpec:
     c = info.latent_channels
     f = info.vae_scale_factor
 
@@ -330,7 +332,7 @@ def vae_decoder_spec(source, info: ModelInfo) -> ComponentSpec:
     )
 
 
-def controlnet_spec(cn_source, info: ModelInfo) -> ComponentSpec:
+def controlnet_spec(cn_source: ControlNetSource, info: ModelInfo) -> ComponentSpec:
     seq, hidden = info.max_length, info.text_hidden_size
     n_res = len(info.control_residuals)
     outputs = tuple(

@@ -182,6 +182,8 @@ class SafetensorsFile:
             raise IndexError(f"{name}: rows {start}:{stop} of {rows}")
         nbytes = (stop - start) * entry.row_bytes
         buffer = memoryview(bytearray(nbytes) if into is None else into).cast("B")[:nbytes]
+        if len(buffer) < nbytes:
+            raise ValueError(f"{name}: rows {start}:{stop} need {nbytes} bytes, the buffer has {len(buffer)}")
         if nbytes:
             self._file.seek(self._data_start + entry.begin + start * entry.row_bytes)
             if self._file.readinto(buffer) != nbytes:

@@ -63,6 +63,8 @@ def test_rows_are_read_on_their_own(written):
         assert f.array("empty", 0, 0).shape == (0, 3)
         with pytest.raises(IndexError):
             f.array("f32", 2, 5)
+        with pytest.raises(ValueError, match="need 64 bytes, the buffer has 8"):
+            f.read_bytes("i64", 0, 2, into=bytearray(8))
 
 
 def test_itemsizes_agree_with_torch():

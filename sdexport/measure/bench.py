@@ -9,11 +9,14 @@ image PSNR and SSIM, latent PSNR at every step). Written as JSON, markdown and P
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -94,6 +97,24 @@ def _inpaint_inputs(height: int, width: int):
 
 
 def run_bench(artifact: str | Path, reference: str | Path, config: BenchConfig = BenchConfig(), progress: bool = True) -> dict:
+    """``reference``: the diffusers folder the export was made from, or the demo's bundled model
+    (``sdexport/demo/assets/small``, packed weights), whose diffusers folder is built for the run."""
+    with _diffusers_folder(Path(reference)) as folder:
+        return _run_bench(artifact, folder, config, progress)
+
+
+@contextlib.contextmanager
+def _diffusers_folder(reference: Path) -> Iterator[Path]:
+    from sdexport.demo.run import CONFIGS, WEIGHTS, build_bundled_model
+
+    if not ((reference / WEIGHTS).is_file() and (reference / CONFIGS).is_file()):
+        yield reference
+        return
+    with tempfile.TemporaryDirectory(prefix="sdexport-bench-reference-") as scratch:
+        yield build_bundled_model(scratch, reference).model
+
+
+def _run_bench(artifact: str | Path, reference: Path, config: BenchConfig, progress: bool) -> dict:
     manifest = Manifest.load(artifact)
     source = DiffusersSource.open(reference)
     check_reference(source, manifest)
@@ -118,94 +139,9 @@ def run_bench(artifact: str | Path, reference: str | Path, config: BenchConfig =
 
 
 def _measure(pipe, ref, manifest, info, ids, text_psnr, config, height, width, artifact, reference, bar) -> dict:
-    # --- per-component latency, both engines, same inputs -------------------------------------
-    rng = np.random.default_rng(0)
-    f = info.vae_scale_factor
-    n = 2  # one prompt under classifier-free guidance
-    feeds = {
-        "text_encoder": {"input_ids": np.repeat(ids, n, axis=0)},
-        "unet": {"sample": rng.standard_normal((n, info.unet_in_channels, height // f, width // f), np.float32),
-                 "timestep": np.full((n,), 500.0, np.float32),
-                 "encoder_hidden_states": rng.standard_normal((n, info.max_length, info.text_hidden_size), np.float32)},
-        "vae_decoder": {"latent_sample": rng.standard_normal((1, info.latent_channels, height // f, width // f), np.float32)},
-        "vae_encoder": {"sample": rng.uniform(-1, 1, (1, 3, height, width)).astype(np.float32)},
-    }
-    torch_calls = {
-        "text_encoder": lambda x: ref.text_encoder(torch.from_numpy(x["input_ids"])),
-        "unet": lambda x: ref.unet(torch.from_numpy(x["sample"]), torch.from_numpy(x["timestep"]),
-                                   torch.from_numpy(x["encoder_hidden_states"])),
-        "vae_decoder": lambda x: ref.vae.decode(torch.from_numpy(x["latent_sample"])),
-        "vae_encoder": lambda x: ref.vae.encode(torch.from_numpy(x["sample"])),
-    }
-    components = {}
-    for name, feed in feeds.items():
-        if name not in manifest.components:
-            continue
-        session = pipe.session(name)
-        runtime_t = timeit(lambda: session.run(feed), config.repeats, config.warmup)
-        with torch.no_grad():
-            torch_t = timeit(lambda: torch_calls[name](feed), config.repeats, config.warmup)
-        components[name] = {"runtime": runtime_t, "pytorch": torch_t, "speedup": torch_t["median_ms"] / runtime_t["median_ms"],
-                            "batch": next(iter(feed.values())).shape[0]}
-        bar.update()
-
-    # --- end to end, per prompt and seed, with per-step latents --------------------------------
-    runs = []
-    extra = {}
-    if info.is_inpainting:
-        image, mask = _inpaint_inputs(height, width)
-        extra = {"image": image, "mask": mask}
-    for prompt in config.prompts:
-        for seed in config.seeds:
-            ours_steps, ours_times = [], []
-
-            def on_step(i, t, latents):
-                ours_steps.append(latents.copy())
-                ours_times.append(time.perf_counter())
-
-            start = time.perf_counter()
-            result = pipe.generate(prompt, steps=config.steps, guidance_scale=config.guidance_scale,
-                                   scheduler=config.scheduler, seed=seed, rng="torch", height=height, width=width,
-                                   callback=on_step, return_latents=True, **extra)
-            ours_total = time.perf_counter() - start
-            ref_steps, ref_times = [], []
-
-            def on_step_ref(p, i, t, kwargs):
-                ref_steps.append(kwargs["latents"].numpy().copy())
-                ref_times.append(time.perf_counter())
-                return kwargs
-
-            ref_extra = {"image": extra["image"], "mask_image": extra["mask"]} if extra else {}
-            start = time.perf_counter()
-            with torch.no_grad():
-                ref_image = ref(prompt, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                                height=height, width=width, generator=torch.Generator().manual_seed(seed),
-                                callback_on_step_end=on_step_ref, **ref_extra).images[0]
-            ref_total = time.perf_counter() - start
-            a, b = np.asarray(ref_image, np.float64), np.asarray(result.image, np.float64)
-            runs.append({
-                "prompt": prompt, "seed": seed,
-                "runtime_seconds": ours_total, "pytorch_seconds": ref_total,
-                "runtime_step_ms": float(np.median(np.diff(ours_times)) * 1e3) if len(ours_times) > 1 else None,
-                "pytorch_step_ms": float(np.median(np.diff(ref_times)) * 1e3) if len(ref_times) > 1 else None,
-                "runtime_overhead_share": result.overhead_seconds / result.timings["total"],
-                "latent_max_abs_err": max_abs_error(ref_steps[-1], result.latents),
-                "image_psnr_db": finite(psnr(a, b, peak=255.0)),
-                "image_ssim": ssim(a, b),
-                "latent_psnr_per_step_db": [finite(psnr(r, o)) for r, o in zip(ref_steps, ours_steps)],
-            })
-            bar.update()
-
-    # --- cold start and peak memory, each engine in its own process ----------------------------
-    cold = {}
-    if config.cold_start:
-        args = dict(steps=config.steps, height=height, width=width, scheduler=config.scheduler)
-        if not info.is_inpainting:
-            cold["runtime"] = cold_start("runtime", artifact, config.prompts[0], **args)
-            bar.update()
-            cold["pytorch"] = cold_start("diffusers", reference, config.prompts[0], **args)
-            bar.update()
-
+    components = _component_latency(pipe, ref, manifest, _component_feeds(info, ids, height, width), config, bar)
+    runs = _end_to_end(pipe, ref, info, config, height, width, bar)
+    cold = _cold_starts(info, config, height, width, artifact, reference, bar)
     e2e_rt = [r["runtime_seconds"] for r in runs]
     e2e_pt = [r["pytorch_seconds"] for r in runs]
     return {
@@ -228,6 +164,113 @@ def _measure(pipe, ref, manifest, info, ids, text_psnr, config, height, width, a
         "cold_start": cold,
         "runs": runs,
     }
+
+
+def _component_feeds(info, ids, height: int, width: int) -> dict[str, dict[str, np.ndarray]]:
+    """One call's inputs per component, seeded; the text encoder and U-Net at the CFG batch of 2."""
+    rng = np.random.default_rng(0)
+    f = info.vae_scale_factor
+    n = 2  # one prompt under classifier-free guidance
+    return {
+        "text_encoder": {"input_ids": np.repeat(ids, n, axis=0)},
+        "unet": {"sample": rng.standard_normal((n, info.unet_in_channels, height // f, width // f), np.float32),
+                 "timestep": np.full((n,), 500.0, np.float32),
+                 "encoder_hidden_states": rng.standard_normal((n, info.max_length, info.text_hidden_size), np.float32)},
+        "vae_decoder": {"latent_sample": rng.standard_normal((1, info.latent_channels, height // f, width // f), np.float32)},
+        "vae_encoder": {"sample": rng.uniform(-1, 1, (1, 3, height, width)).astype(np.float32)},
+    }
+
+
+def _component_latency(pipe, ref, manifest, feeds: dict, config: BenchConfig, bar) -> dict:
+    """Per-component latency, both engines on the same inputs."""
+    torch_calls = {
+        "text_encoder": lambda x: ref.text_encoder(torch.from_numpy(x["input_ids"])),
+        "unet": lambda x: ref.unet(torch.from_numpy(x["sample"]), torch.from_numpy(x["timestep"]),
+                                   torch.from_numpy(x["encoder_hidden_states"])),
+        "vae_decoder": lambda x: ref.vae.decode(torch.from_numpy(x["latent_sample"])),
+        "vae_encoder": lambda x: ref.vae.encode(torch.from_numpy(x["sample"])),
+    }
+    components = {}
+    for name, feed in feeds.items():
+        if name not in manifest.components:
+            continue
+        session = pipe.session(name)
+        runtime_t = timeit(lambda: session.run(feed), config.repeats, config.warmup)
+        with torch.no_grad():
+            torch_t = timeit(lambda: torch_calls[name](feed), config.repeats, config.warmup)
+        components[name] = {"runtime": runtime_t, "pytorch": torch_t, "speedup": torch_t["median_ms"] / runtime_t["median_ms"],
+                            "batch": next(iter(feed.values())).shape[0]}
+        bar.update()
+    return components
+
+
+def _end_to_end(pipe, ref, info, config: BenchConfig, height: int, width: int, bar) -> list[dict]:
+    """Every prompt and seed through both pipelines, with the latents after every step."""
+    extra = {}
+    if info.is_inpainting:
+        image, mask = _inpaint_inputs(height, width)
+        extra = {"image": image, "mask": mask}
+    runs = []
+    for prompt in config.prompts:
+        for seed in config.seeds:
+            runs.append(_one_run(pipe, ref, prompt, seed, config, height, width, extra))
+            bar.update()
+    return runs
+
+
+def _one_run(pipe, ref, prompt: str, seed: int, config: BenchConfig, height: int, width: int, extra: dict) -> dict:
+    ours_steps, ours_times = [], []
+
+    def on_step(i, t, latents):
+        ours_steps.append(latents.copy())
+        ours_times.append(time.perf_counter())
+
+    start = time.perf_counter()
+    result = pipe.generate(prompt, steps=config.steps, guidance_scale=config.guidance_scale,
+                           scheduler=config.scheduler, seed=seed, rng="torch", height=height, width=width,
+                           callback=on_step, return_latents=True, **extra)
+    ours_total = time.perf_counter() - start
+    ref_steps, ref_times = [], []
+
+    def on_step_ref(p, i, t, kwargs):
+        ref_steps.append(kwargs["latents"].numpy().copy())
+        ref_times.append(time.perf_counter())
+        return kwargs
+
+    ref_extra = {"image": extra["image"], "mask_image": extra["mask"]} if extra else {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        ref_image = ref(prompt, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                        height=height, width=width, generator=torch.Generator().manual_seed(seed),
+                        callback_on_step_end=on_step_ref, **ref_extra).images[0]
+    ref_total = time.perf_counter() - start
+    a, b = np.asarray(ref_image, np.float64), np.asarray(result.image, np.float64)
+    return {
+        "prompt": prompt, "seed": seed,
+        "runtime_seconds": ours_total, "pytorch_seconds": ref_total,
+        "runtime_step_ms": _median_step_ms(ours_times), "pytorch_step_ms": _median_step_ms(ref_times),
+        "runtime_overhead_share": result.overhead_seconds / result.timings["total"],
+        "latent_max_abs_err": max_abs_error(ref_steps[-1], result.latents),
+        "image_psnr_db": finite(psnr(a, b, peak=255.0)),
+        "image_ssim": ssim(a, b),
+        "latent_psnr_per_step_db": [finite(psnr(r, o)) for r, o in zip(ref_steps, ours_steps)],
+    }
+
+
+def _median_step_ms(times: list[float]) -> float | None:
+    return float(np.median(np.diff(times)) * 1e3) if len(times) > 1 else None
+
+
+def _cold_starts(info, config: BenchConfig, height: int, width: int, artifact, reference, bar) -> dict:
+    """Cold start and peak memory, each engine in its own process (text-to-image models only)."""
+    if not config.cold_start or info.is_inpainting:
+        return {}
+    args = dict(steps=config.steps, height=height, width=width, scheduler=config.scheduler)
+    cold = {"runtime": cold_start("runtime", artifact, config.prompts[0], **args)}
+    bar.update()
+    cold["pytorch"] = cold_start("diffusers", reference, config.prompts[0], **args)
+    bar.update()
+    return cold
 
 
 def write_report(result: dict, out_dir: Path) -> list[Path]:

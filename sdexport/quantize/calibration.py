@@ -322,101 +322,30 @@ def _load_pipeline(source_path: Path, inpaint: bool, scheduler: str | None, unet
 
 def _record(source_path: Path, components: Sequence[str], height: int, width: int, settings: CalibrationSettings,
             unet, controlnet, progress: bool) -> CalibrationData:
-    import torch
-
-    from sdexport.export.components import residual_names
-    from sdexport.export.components import model_info as _model_info
-    from sdexport.sources.diffusers import DiffusersSource
-
-    source = DiffusersSource.open(source_path)
-    info = _model_info(source)
-    if info.unet_in_channels not in (info.latent_channels, 2 * info.latent_channels + 1):
-        raise ExportError(f"{source_path}: calibration runs txt2img or inpainting pipelines; a U-Net with "
-                          f"{info.unet_in_channels} input channels ({info.family}) is not supported")
-    inpaint = info.is_inpainting
-    pipe = _load_pipeline(source_path, inpaint, settings.scheduler, unet)
-    cn_model = None
-    if controlnet is not None and "unet_control" in components:
-        from diffusers import ControlNetModel
-
-        cn_model = ControlNetModel.from_pretrained(str(controlnet)).eval()
-
-    prompts_all = load_prompts()
-    order = np.random.default_rng(settings.seed).permutation(len(prompts_all))
-    n_prompts = settings.prompts
-    prompts = [prompts_all[order[i % len(order)]] for i in range(n_prompts)]
-    feeds: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in components}
-    wanted_unet = [c for c in ("unet", "unet_control") if c in components]
-    res_names = residual_names(info)
-    state: dict[str, Any] = {"call": 0, "record": set(), "cond": None}
-
-    def hook(module, args, kwargs):
-        index = state["call"]
-        state["call"] += 1
-        if index not in state["record"] or not wanted_unet:
-            return
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        ehs = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
-        n = sample.shape[0]
-        t = torch.as_tensor(timestep).float().reshape(-1).expand(n) if torch.as_tensor(timestep).numel() == 1 \
-            else torch.as_tensor(timestep).float().reshape(n)
-        feed = {"sample": sample.detach().float().numpy().copy(), "timestep": t.numpy().copy(),
-                "encoder_hidden_states": ehs.detach().float().numpy().copy()}
-        if kwargs.get("timestep_cond") is not None:
-            feed["timestep_cond"] = kwargs["timestep_cond"].detach().float().numpy().copy()
-        if "unet" in feeds:
-            feeds["unet"].append(feed)
-        if "unet_control" in feeds:
-            feeds["unet_control"].append({**feed, **_residuals(sample, t, ehs, n)})
-
-    def _residuals(sample, t, ehs, n):
-        latents = sample[:, : info.latent_channels]
-        if cn_model is None or state["cond"] is None:
-            sizes = _residual_shapes(info, latents.shape[2], latents.shape[3])
-            return {name: np.zeros((n, *shape), np.float32) for name, shape in zip(res_names, sizes)}
-        with torch.no_grad():
-            cond = state["cond"].expand(n, -1, -1, -1)
-            down, mid = cn_model(latents, t, ehs, controlnet_cond=cond, return_dict=False)
-        return {name: r.float().numpy().copy() for name, r in zip(res_names, [*down, mid])}
-
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    info, pipe, cn_model = _open_reference(source_path, components, settings, unet, controlnet)
+    prompts = _pick_prompts(settings)
+    recorder = _UNetRecorder(info, components, cn_model)
+    feeds = recorder.feeds
+    handle = pipe.unet.register_forward_pre_hook(recorder.hook, with_kwargs=True)
     previous_image = None
     try:
-        iterator = range(n_prompts)
+        iterator = range(settings.prompts)
         if progress:
             from tqdm import tqdm
 
             iterator = tqdm(iterator, desc="calibration", unit="prompt")
         for i in iterator:
             prompt, negative = prompts[i], NEGATIVE_PROMPTS[i % len(NEGATIVE_PROMPTS)]
-            state["call"] = 0
-            state["record"] = set(_step_indices(i, settings.per_prompt, settings.steps))
-            if cn_model is not None:
+            recorder.start_prompt(_step_indices(i, settings.per_prompt, settings.steps))
+            image = None
+            if recorder.cn_model is not None or info.is_inpainting:
                 image = previous_image or _synthetic_image((height, width), settings.seed + i)
-                state["cond"] = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255.0).permute(2, 0, 1)[None]
-            kwargs: dict[str, Any] = dict(prompt=prompt, negative_prompt=negative, height=height, width=width,
-                                          num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                                          generator=torch.Generator().manual_seed(settings.seed + i), output_type="latent")
-            if inpaint:
-                image = previous_image or _synthetic_image((height, width), settings.seed + i)
-                kwargs.update(image=image, mask_image=_random_mask((height, width), settings.seed + i), strength=1.0)
-            with torch.no_grad():
-                latents = pipe(**kwargs).images
-                pixels = _decode(pipe, latents)
-            if "text_encoder" in feeds:
-                for text in (prompt, negative):
-                    ids = pipe.tokenizer([text], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                         truncation=True, return_tensors="np").input_ids
-                    feeds["text_encoder"].append({"input_ids": ids.astype(np.int64)})
-            if "vae_decoder" in feeds:
-                feeds["vae_decoder"].append({"latent_sample": _unscale(pipe, latents).numpy().copy()})
-            if "vae_encoder" in feeds:
-                feeds["vae_encoder"].append({"sample": pixels.numpy().copy()})
+            latents, pixels = _generate(pipe, recorder, i, prompt, negative, image, settings, height, width, info.is_inpainting)
+            _record_text_and_vae(feeds, pipe, (prompt, negative), latents, pixels)
             previous_image = _to_pil(pixels)
     finally:
         handle.remove()
-    for c in wanted_unet:
+    for c in recorder.wanted_unet:
         feeds[c] = feeds[c][: settings.samples]
     dropped = _bound(feeds, settings.max_bytes)
     return CalibrationData(feeds, {
@@ -429,6 +358,113 @@ def _record(source_path: Path, components: Sequence[str], height: int, width: in
         "dropped_for_size": dropped,
         "bytes": sum(a.nbytes for fs in feeds.values() for f in fs for a in f.values()),
     })
+
+
+def _open_reference(source_path: Path, components: Sequence[str], settings: CalibrationSettings, unet, controlnet):
+    """The model's facts, its diffusers pipeline, and the ControlNet when ``unet_control`` is recorded."""
+    from sdexport.export.components import model_info as _model_info
+    from sdexport.sources.diffusers import DiffusersSource
+
+    source = DiffusersSource.open(source_path)
+    info = _model_info(source)
+    if info.unet_in_channels not in (info.latent_channels, 2 * info.latent_channels + 1):
+        raise ExportError(f"{source_path}: calibration runs txt2img or inpainting pipelines; a U-Net with "
+                          f"{info.unet_in_channels} input channels ({info.family}) is not supported")
+    pipe = _load_pipeline(source_path, info.is_inpainting, settings.scheduler, unet)
+    cn_model = None
+    if controlnet is not None and "unet_control" in components:
+        from diffusers import ControlNetModel
+
+        cn_model = ControlNetModel.from_pretrained(str(controlnet)).eval()
+    return info, pipe, cn_model
+
+
+def _pick_prompts(settings: CalibrationSettings) -> list[str]:
+    prompts_all = load_prompts()
+    order = np.random.default_rng(settings.seed).permutation(len(prompts_all))
+    return [prompts_all[order[i % len(order)]] for i in range(settings.prompts)]
+
+
+class _UNetRecorder:
+    """A forward pre-hook on the reference U-Net that keeps the inputs of the chosen calls of each
+    prompt (and, for ``unet_control``, the ControlNet residuals those inputs give)."""
+
+    def __init__(self, info, components: Sequence[str], cn_model):
+        from sdexport.export.components import residual_names
+
+        self.info, self.cn_model = info, cn_model
+        self.feeds: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in components}
+        self.wanted_unet = [c for c in ("unet", "unet_control") if c in components]
+        self.res_names = residual_names(info)
+        self.call, self.record, self.cond = 0, set(), None
+
+    def start_prompt(self, indices) -> None:
+        self.call, self.record = 0, set(indices)
+
+    def hook(self, module, args, kwargs):
+        import torch
+
+        index = self.call
+        self.call += 1
+        if index not in self.record or not self.wanted_unet:
+            return
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        ehs = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+        n = sample.shape[0]
+        t = torch.as_tensor(timestep).float().reshape(-1).expand(n) if torch.as_tensor(timestep).numel() == 1 \
+            else torch.as_tensor(timestep).float().reshape(n)
+        feed = {"sample": sample.detach().float().numpy().copy(), "timestep": t.numpy().copy(),
+                "encoder_hidden_states": ehs.detach().float().numpy().copy()}
+        if kwargs.get("timestep_cond") is not None:
+            feed["timestep_cond"] = kwargs["timestep_cond"].detach().float().numpy().copy()
+        if "unet" in self.feeds:
+            self.feeds["unet"].append(feed)
+        if "unet_control" in self.feeds:
+            self.feeds["unet_control"].append({**feed, **self._residuals(sample, t, ehs, n)})
+
+    def _residuals(self, sample, t, ehs, n):
+        import torch
+
+        latents = sample[:, : self.info.latent_channels]
+        if self.cn_model is None or self.cond is None:
+            sizes = _residual_shapes(self.info, latents.shape[2], latents.shape[3])
+            return {name: np.zeros((n, *shape), np.float32) for name, shape in zip(self.res_names, sizes)}
+        with torch.no_grad():
+            cond = self.cond.expand(n, -1, -1, -1)
+            down, mid = self.cn_model(latents, t, ehs, controlnet_cond=cond, return_dict=False)
+        return {name: r.float().numpy().copy() for name, r in zip(self.res_names, [*down, mid])}
+
+
+def _generate(pipe, recorder: _UNetRecorder, i: int, prompt: str, negative: str, image, settings: CalibrationSettings,
+              height: int, width: int, inpaint: bool):
+    """One prompt through the reference pipeline (the hook records the U-Net calls): latents and pixels.
+    ``image`` (the previous prompt's result, or a synthetic one) is the control image and the inpainting input."""
+    import torch
+
+    if recorder.cn_model is not None:
+        recorder.cond = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255.0).permute(2, 0, 1)[None]
+    kwargs: dict[str, Any] = dict(prompt=prompt, negative_prompt=negative, height=height, width=width,
+                                  num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                                  generator=torch.Generator().manual_seed(settings.seed + i), output_type="latent")
+    if inpaint:
+        kwargs.update(image=image, mask_image=_random_mask((height, width), settings.seed + i), strength=1.0)
+    with torch.no_grad():
+        latents = pipe(**kwargs).images
+        pixels = _decode(pipe, latents)
+    return latents, pixels
+
+
+def _record_text_and_vae(feeds: dict, pipe, texts: Sequence[str], latents, pixels) -> None:
+    if "text_encoder" in feeds:
+        for text in texts:
+            ids = pipe.tokenizer([text], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="np").input_ids
+            feeds["text_encoder"].append({"input_ids": ids.astype(np.int64)})
+    if "vae_decoder" in feeds:
+        feeds["vae_decoder"].append({"latent_sample": _unscale(pipe, latents).numpy().copy()})
+    if "vae_encoder" in feeds:
+        feeds["vae_encoder"].append({"sample": pixels.numpy().copy()})
 
 
 def _residual_shapes(info, h: int, w: int) -> list[tuple[int, int, int]]:

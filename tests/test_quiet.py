@@ -7,11 +7,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _sdexport(*argv) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sdexport.cli", *map(str, argv)], capture_output=True, text=True)
 
 
+@pytest.mark.slow  # an export and a bench, each in a new process
 def test_quiet_export_and_bench_print_nothing_from_other_libraries(tmp_path, tiny_sd1):
     artifact = tmp_path / "out" / "onnx"
     proc = _sdexport("export", tiny_sd1, "--out", artifact, "--quiet")

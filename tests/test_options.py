@@ -129,6 +129,9 @@ def test_export_flags_come_from_the_declarations():
     assert generate_flags["--winograd"].choices == declared.WINOGRAD_RUN_MODES == ("auto", "off")
     assert generate_flags["--compute-units"].choices == declared.COMPUTE_UNITS
     # the targets' tables follow the declared names
+    from sdexport.export.targets import TARGETS
+
+    assert tuple(TARGETS) == declared.TARGETS
     assert set(coreml.COMPRESSION) == set(declared.COMPRESS_MODES) - {"none"}
     assert coreml.COMPRESSION["palettize6"] == ("palettize", 6) and coreml.COMPUTE_UNITS["cpu-and-ne"] == "CPU_AND_NE"
 

@@ -52,6 +52,7 @@ __all__ = [
     "overflow_tensors",
     "to_fp16",
     "unique_names",
+    "declare_domains",
     "check_loadable",
     "optimize_for_gpu",
     "fused_op_counts",
@@ -287,7 +288,16 @@ def to_fp16(fused, op_block: Sequence[str] = (), node_block: Sequence[str] = ())
         )
     unique_names(fused.model)
     fused.topological_sort()  # the converter appends its Casts at the end; onnx.checker wants node order
+    declare_domains(fused.model)
     return fused.model
+
+
+def declare_domains(model: onnx.ModelProto) -> None:
+    """An opset import for every domain the nodes use: the fusions add com.microsoft ops without one,
+    which ONNX Runtime tolerates and onnx.checker (rightly) refuses."""
+    declared = {o.domain for o in model.opset_import}
+    for domain in sorted({n.domain for n in model.graph.node} - declared - {"ai.onnx"}):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 def unique_names(model: onnx.ModelProto) -> int:
@@ -409,6 +419,7 @@ def optimize_for_gpu(model: onnx.ModelProto, role: str, precision: str, workdir:
     else:
         result = fused.model
         unique_names(result)
+        declare_domains(result)
     details = {
         "optimize": "gpu" if options.cuda_ops else "gpu-portable",
         "model_type": model_type,

@@ -294,19 +294,15 @@ def _reference_images(setup: Setup, have_fp16: bool) -> dict:
 def _static_graph_session(path: Path, feeds: dict):
     """The U-Net with its symbolic sizes fixed to ``feeds``' shapes, for a CUDA graph (the device
     loop's remedy when ORT refuses a graph over run-time shape computations)."""
-    import onnxruntime as ort
-
-    from runtime.backends.onnxruntime import provider_entries, session_options
+    from runtime.backends.onnxruntime import create_session
     from runtime.device_loop import symbolic_sizes
 
     cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    probe = ort.InferenceSession(str(path), session_options(0, "all"), providers=provider_entries(cuda, 0, False))
+    probe = create_session(path, cuda)
     meta = {i.name: i for i in probe.get_inputs()}
     del probe
-    so = session_options(0, "all")
-    for name, value in symbolic_sizes(meta, {k: v.shape for k, v in feeds.items()}).items():
-        so.add_free_dimension_override_by_name(name, value)
-    return ort.InferenceSession(str(path), so, providers=provider_entries(cuda, 0, True))
+    sizes = symbolic_sizes(meta, {k: v.shape for k, v in feeds.items()})
+    return create_session(path, cuda, cuda_graph=True, fixed_sizes=sizes)
 
 
 def open_unet(path: Path, feeds: dict, cuda_graph: bool, device: str):

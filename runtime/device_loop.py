@@ -535,17 +535,15 @@ def graph_capture_blockers(placements: Sequence[tuple[str, str, str]], target: s
     return "; ".join(reasons) or None
 
 
-def node_placements(model: str | bytes, providers: Sequence, feeds: Mapping[str, np.ndarray], so=None) -> list[tuple[str, str, str]]:
+def node_placements(model: str | bytes, providers: Sequence, feeds: Mapping[str, np.ndarray]) -> list[tuple[str, str, str]]:
     """(node, op type, provider) for every node ONNX Runtime ran, read from one profiled run (the
     session API does not expose the assignment; the profile does, Memcpy nodes included)."""
     import json
     import os
 
-    import onnxruntime as ort
+    from runtime.backends.onnxruntime import create_session
 
-    so = so or ort.SessionOptions()
-    so.enable_profiling = True
-    session = ort.InferenceSession(model, so, providers=list(providers))
+    session = create_session(model, providers, profiling=True)
     session.run(None, dict(feeds))
     path = session.end_profiling()
     try:
@@ -660,14 +658,12 @@ class DeviceLoop:
         device, which a CUDA graph cannot hold. A graph is captured per shape anyway, and with the sizes
         fixed ORT's constant folding removes those nodes, so the whole graph can stay on CUDA.
         """
-        from runtime.backends.onnxruntime import provider_entries, session_options
+        from runtime.backends.onnxruntime import create_session
 
-        so = session_options(self.threads, "all")
-        for name, value in dims.items():
-            so.add_free_dimension_override_by_name(name, int(value))
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         try:
-            session = self._ort.InferenceSession(self.model_path, so, providers=provider_entries(providers, self.device_id, True))
+            session = create_session(self.model_path, providers, threads=self.threads, device_id=self.device_id,
+                                     cuda_graph=True, fixed_sizes=dims)
         except Exception as e:
             self.cuda_graph_status = f"off: ONNX Runtime refused CUDA graph capture, also with fixed sizes ({_first_line(e)})"
             self._graph_mode = "off"

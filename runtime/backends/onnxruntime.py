@@ -92,12 +92,18 @@ def provider_entries(providers: Sequence[Any], device_id: int = 0, cuda_graph: b
 
 
 def create_session(model: str | Path | bytes, providers: Sequence[Any] = ("CPUExecutionProvider",), *,
-                   threads: int = 0, optimization: str = "all", device_id: int = 0,
-                   cuda_graph: bool = False) -> ort.InferenceSession:
-    """An InferenceSession from a file path or serialized model bytes, set up the project's one way."""
+                   threads: int = 0, optimization: str = "all", device_id: int = 0, cuda_graph: bool = False,
+                   fixed_sizes: Mapping[str, int] | None = None, profiling: bool = False) -> ort.InferenceSession:
+    """An InferenceSession from a file path or serialized model bytes, set up the project's one way.
+
+    ``fixed_sizes``: symbolic dimension -> size, so ONNX Runtime can fold the shape computations away
+    (what a CUDA graph needs). ``profiling``: record a profile (``end_profiling`` returns its path)."""
+    so = session_options(threads, optimization)
+    for name, size in (fixed_sizes or {}).items():
+        so.add_free_dimension_override_by_name(name, int(size))
+    so.enable_profiling = profiling
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, session_options(threads, optimization),
-                                providers=provider_entries(providers, device_id, cuda_graph))
+    return ort.InferenceSession(source, so, providers=provider_entries(providers, device_id, cuda_graph))
 
 
 def resolve_providers(options: SessionOptions) -> list[str]:

@@ -1,27 +1,30 @@
-"""The NVIDIA GPU benchmark of issue 7: SD 1.5 architecture (random weights) at 512x512, fp16.
+"""The NVIDIA GPU benchmark (issues 7, 17): SD 1.5 architecture (random weights) at 512x512, fp16.
 
-Measured in one session on the GPU machine (see benchmarks/gpu_run.sh for the device-tool calls):
+One command on the GPU machine measures everything, in under 10 minutes on an H200 (see
+benchmarks/gpu_run.sh for the device-tool calls that bring the wheels there):
 
-* U-Net call, batch 2 (classifier-free guidance), latent 64x64: diffusers / PyTorch eager, torch.compile
-  (default mode; compile time reported), and sdexport on ONNX Runtime CUDA with I/O binding: the plain
-  fp16 export, the export fused by onnxruntime.transformers then fp16 (``--optimize gpu``), and the
-  same with a CUDA graph;
-* end to end, 50 steps (the model's PNDM scheduler), 512x512, CFG 7.5, batch 1: diffusers fp16 eager
-  and sdexport (text encoder, the device-resident loop with the CUDA-graph U-Net, VAE decoder,
-  PNG-ready image), plus sdexport's numpy loop for comparison;
-* parity: the U-Net output of each ONNX variant against PyTorch fp16 on the same inputs, and the
-  PSNR of sdexport's 50-step image against diffusers' fp16 image for the same seed (torch RNG).
+    python benchmarks/bench_gpu.py --stage all --wheels /tmp/wheels --out $OUT
+
+Each stage runs in its own process with its own time limit (STAGE_LIMITS) and writes its JSON to
+--work/parts and --out as soon as it ends; a stage that fails or runs out of time is recorded as such
+and the next one starts, so a timeout loses nothing already measured:
+
+* install: the wheels handed over (onnxruntime-gpu, diffusers, numpy 2.3, open_clip_torch ...), no index;
+* export: the SD 1.5 folder and its fp32 ONNX export (--plain-fp16: also the plain fp16 export);
+* optimize: ``--optimize gpu`` (fusions, fp16 with fp32 islands) of text encoder, U-Net, VAE decoder,
+  each with its load check (onnx.checker + a CPU session, issue 17 item 1);
+* torch: diffusers fp16 eager U-Net call and 50-step generation (--compile: torch.compile too), and
+  diffusers' fp32 image for the parity protocol;
+* ort: U-Net call on ONNX Runtime CUDA with I/O binding, with and without a CUDA graph; the graph's
+  status and, where ORT refuses it, the nodes that stop a capture (item 2); parity against PyTorch fp16;
+* e2e: text encoder + device-resident loop + VAE decoder, and the numpy loop; the NaN/inf check (item 4);
+  the parity protocol: diffusers fp16 vs fp32, ours vs fp32, ours vs fp16 (item 5);
+* tests: the CUDA tests of tests/test_device_loop.py and tests/test_onnx_gpu.py;
+* report: JSON + markdown under --out/results (or --results).
 
 Goals (issue 7): <= 6.0 ms per U-Net call, <= 0.4 s end to end, PSNR >= 30 dB. The report says which
-were met; nothing here is a number until this script ran on the GPU.
-
-Stages, each well under the device tool's 10 minutes per command, sharing --work between calls:
-
-    python benchmarks/bench_gpu.py --stage export    # SD 1.5 folder, fp32 ONNX, plain fp16 ONNX
-    python benchmarks/bench_gpu.py --stage optimize  # --optimize gpu: fused fp32 -> fp16 with fp32 islands
-    python benchmarks/bench_gpu.py --stage torch     # diffusers eager / torch.compile, reference image
-    python benchmarks/bench_gpu.py --stage ort       # ONNX Runtime CUDA variants, e2e, parity
-    python benchmarks/bench_gpu.py --stage report    # JSON + markdown into --results
+were met; nothing here is a number until this script ran on the GPU. ``--model tiny --device cpu`` is
+the smoke run (tests/test_bench_gpu.py): every stage, CUDA-only parts recorded as "skipped: no CUDA".
 """
 
 from __future__ import annotations

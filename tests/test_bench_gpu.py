@@ -56,3 +56,37 @@ def test_install_without_wheels_is_skipped_and_split_wheels_need_their_name(tmp_
     (tmp_path / "part_aa").write_bytes(b"x")
     with pytest.raises(RuntimeError, match="joined-name.txt"):
         stage_install(setup, tmp_path, tmp_path / "site")
+
+
+def test_parity_protocol_numbers():
+    import numpy as np
+
+    from sdexport.measure.precision_parity import protocol
+
+    gen = np.random.default_rng(0)
+    ref32 = [gen.integers(0, 256, (8, 8, 3)).astype(np.uint8)]
+    ref16 = [np.clip(ref32[0].astype(int) + 1, 0, 255).astype(np.uint8)]  # about 48 dB
+    ours = [ref32[0].copy()]
+    result = protocol(ours, ref32, ref16)
+    medians = result["median_db"]
+    assert medians["ours vs diffusers fp32"] == np.inf and medians["ours vs diffusers fp16"] == medians["diffusers fp16 vs diffusers fp32"]
+    assert result["per_image_db"]["ours vs diffusers fp32"] == [None] and result["ours_as_close_as_torch_fp16"]
+    far = [np.clip(ref32[0].astype(int) + 20, 0, 255).astype(np.uint8)]  # about 22 dB: far worse than PyTorch's fp16
+    assert protocol(far, ref32, ref16)["ours_as_close_as_torch_fp16"] is False
+    assert "ours vs diffusers fp32" not in protocol(None, ref32, ref16)["median_db"]
+
+
+@pytest.mark.slow
+def test_sdexport_bench_reports_the_protocol_for_an_fp16_export(tmp_path, tiny_sd1):
+    from sdexport.cli import main
+    from sdexport.measure.bench import BenchConfig, run_bench
+
+    out = tmp_path / "fp16"
+    assert main(["export", str(tiny_sd1), "--target", "onnx", "--precision", "fp16", "--out", str(out), "--quiet",
+                 "--no-validate"]) == 0
+    config = BenchConfig(prompts=("a red circle",), seeds=(1,), steps=2, repeats=1, warmup=0, cold_start=False)
+    result = run_bench(out, tiny_sd1, config, progress=False)
+    parity = result["precision_parity"]
+    assert parity["reduced"] and set(parity["median_db"]) == {
+        "diffusers fp16 vs diffusers fp32", "ours vs diffusers fp32", "ours vs diffusers fp16"}
+    assert "_images" not in result["runs"][0]

@@ -141,6 +141,7 @@ def _run_bench(artifact: str | Path, reference: Path, config: BenchConfig, progr
 def _measure(pipe, ref, manifest, info, ids, text_psnr, config, height, width, artifact, reference, bar) -> dict:
     components = _component_latency(pipe, ref, manifest, _component_feeds(info, ids, height, width), config, bar)
     runs = _end_to_end(pipe, ref, info, config, height, width, bar)
+    parity = _precision_parity(manifest, reference, config, height, width, [r.pop("_images") for r in runs])
     cold = _cold_starts(info, config, height, width, artifact, reference, bar)
     e2e_rt = [r["runtime_seconds"] for r in runs]
     e2e_pt = [r["pytorch_seconds"] for r in runs]
@@ -163,7 +164,24 @@ def _measure(pipe, ref, manifest, info, ids, text_psnr, config, height, width, a
         },
         "cold_start": cold,
         "runs": runs,
+        "precision_parity": parity,
     }
+
+
+def _precision_parity(manifest, reference, config: BenchConfig, height: int, width: int, images: list) -> dict | None:
+    """Issue 17's protocol for an export with reduced-precision components (None when all are fp32):
+    the same prompts and seeds through diffusers fp16 too, so PyTorch's own fp16 drift is known.
+    ``images``: (diffusers fp32, ours) per run, in prompt x seed order."""
+    from sdexport.measure.precision_parity import diffusers_images, protocol
+
+    reduced = {k: c.precision for k, c in manifest.components.items() if c.precision != "fp32"}
+    if not reduced:
+        return None
+    if manifest.model.is_inpainting:
+        return {"reduced": reduced, "skipped": "the protocol's diffusers fp16 reference covers text-to-image only"}
+    ref_fp16 = diffusers_images(reference, "fp16", config.prompts, config.seeds, steps=config.steps,
+                                guidance_scale=config.guidance_scale, height=height, width=width, scheduler=config.scheduler)
+    return {"reduced": reduced, **protocol([o for _, o in images], [r for r, _ in images], ref_fp16)}
 
 
 def _component_feeds(info, ids, height: int, width: int) -> dict[str, dict[str, np.ndarray]]:
@@ -254,6 +272,7 @@ def _one_run(pipe, ref, prompt: str, seed: int, config: BenchConfig, height: int
         "image_psnr_db": finite(psnr(a, b, peak=255.0)),
         "image_ssim": ssim(a, b),
         "latent_psnr_per_step_db": [finite(psnr(r, o)) for r, o in zip(ref_steps, ours_steps)],
+        "_images": (a, b),  # for the reduced-precision protocol; not written out
     }
 
 
@@ -311,6 +330,11 @@ def markdown(r: dict) -> str:
         p = run["image_psnr_db"]
         lines.append(f"| {run['prompt'][:40]} | {run['seed']} | {'identical' if p is None else f'{p:.1f}'} | "
                      f"{run['image_ssim']:.4f} | {run['latent_max_abs_err']:.2e} | {100 * run['runtime_overhead_share']:.2f}% |")
+    parity = r.get("precision_parity")
+    if parity and "median_db" in parity:
+        lines += ["", "Reduced precision, image PSNR (median dB): " + "; ".join(
+            f"{k} {'identical' if v is None else f'{v:.1f}'}" for k, v in parity["median_db"].items())
+            + f"; ours within {parity['margin_db']:.0f} dB of PyTorch's fp16: {'yes' if parity['ours_as_close_as_torch_fp16'] else 'no'}"]
     return "\n".join(lines)
 
 

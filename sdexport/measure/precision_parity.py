@@ -37,7 +37,7 @@ def diffusers_images(source: str | Path, dtype: str, prompts: Sequence[str], see
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        str(source), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False).to(device)
+        str(source), dtype=torch_dtype, safety_checker=None, requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
     if scheduler is not None:
         from sdexport.measure.reference_schedulers import use_scheduler

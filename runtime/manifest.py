@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from runtime.files import ArtifactFileError, HashCache, inside
+
 __all__ = [
     "SCHEMA_VERSION",
     "MANIFEST_NAME",
@@ -186,6 +188,9 @@ class StaticShape:
     batch: int | None = None  # None: the batch stays dynamic
 
 
+WRITE_LOCATIONS = ("cache_dir",)  # backend options the artifact may not set
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
     """What the runtime reads from the export besides the components: how the profile said to run it."""
@@ -207,8 +212,18 @@ class RunSettings:
         data["guess_mode_scales"] = list(self.guess_mode_scales)
         return data
 
+    @staticmethod
+    def _untrusted(backend: Any) -> dict[str, Any]:
+        """Backend options as the artifact may set them: never where the runtime writes (a manifest
+        is untrusted; write locations come from the user's flags, environment or Python call)."""
+        if not isinstance(backend, dict):
+            raise ManifestError(f"runtime.backend_options: expected an object, got {type(backend).__name__}")
+        return {k: v for k, v in backend.items() if k not in WRITE_LOCATIONS}
+
     @classmethod
     def from_json(cls, data: dict) -> "RunSettings":
+        if not isinstance(data, dict):
+            raise ManifestError(f"runtime section: expected an object, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:
@@ -216,13 +231,13 @@ class RunSettings:
         data = dict(data)
         data["static_shape"] = StaticShape(**data["static_shape"]) if data.get("static_shape") else None
         data["guess_mode_scales"] = tuple(float(v) for v in data.get("guess_mode_scales") or ())
-        data["backend_options"] = dict(data.get("backend_options") or {})
+        data["backend_options"] = cls._untrusted(data.get("backend_options") or {})
         return cls(**data)
 
     @classmethod
     def from_v1(cls, exporter: dict, profile: dict) -> "RunSettings":
         """Schema 1 kept these in the free-form exporter and profile sections."""
-        backend = dict(profile.get("backend_options") or {})
+        backend = cls._untrusted(profile.get("backend_options") or {})
         static = exporter.get("static_shape")
         return cls(
             cfg=profile.get("cfg", "batched"),
@@ -329,27 +344,52 @@ class Manifest:
             manifest = cls.from_json(data, root=directory)
         except ManifestError as e:
             raise ManifestError(f"{path}: {e}") from None
+        manifest.check_paths()  # even for inspect: an artifact never names a file outside itself
         if check_files:
             if manifest.exporter.get("dry_run"):
                 raise ManifestError(f"{path}: a dry-run plan, not an export; run sdexport export without --dry-run")
             manifest.check_files(verify_hashes=False)
         return manifest
 
-    def check_files(self, verify_hashes: bool = False, components: Iterable[str] | None = None) -> None:
-        """Every file present with its recorded size (and, if asked, sha256)."""
-        root = self.root or Path(".")
+    def path(self, relative: str, what: str = "file") -> Path:
+        """An artifact path resolved (symlinks too) and refused unless it stays inside the artifact."""
+        try:
+            return inside(self.root or Path("."), relative, what)
+        except ArtifactFileError as e:
+            raise ManifestError(str(e)) from None
+
+    def check_paths(self) -> None:
+        self.path(self.tokenizer_dir, "tokenizer")
+        self.path(self.scheduler_config, "scheduler config")
+        for name, component in self.components.items():
+            for ref in component.files:
+                self.path(ref.path, f"component {name!r} file")
+
+    def check_files(self, verify_hashes: bool | str = "cached", components: Iterable[str] | None = None) -> None:
+        """Every file inside the artifact, present with its recorded size and sha256.
+
+        ``verify_hashes``: True hashes every file; "cached" (the default, what opening a session does)
+        skips files this user already verified unchanged (same size, mtime and inode); False checks sizes.
+        """
+        cache = HashCache() if verify_hashes == "cached" else None
         for name in components or self.components:
             for ref in self.components[name].files:
-                path = root / ref.path
-                if not path.is_file():
-                    raise ManifestError(f"{path}: missing file of component {name!r}")
-                size = path.stat().st_size
-                if size != ref.bytes:
-                    raise ManifestError(
-                        f"{path}: {size} bytes, the manifest says {ref.bytes}; the file is damaged or was replaced"
-                    )
-                if verify_hashes and sha256_file(path) != ref.sha256:
-                    raise ManifestError(f"{path}: sha256 differs from the manifest; the file is damaged or was replaced")
+                path = self.path(ref.path, f"component {name!r} file")
+                self._check_file(name, ref, path, verify_hashes, cache)
+
+    @staticmethod
+    def _check_file(name: str, ref: FileRef, path: Path, verify_hashes, cache) -> None:
+        if not path.is_file():
+            raise ManifestError(f"{path}: missing file of component {name!r}")
+        size = path.stat().st_size
+        if size != ref.bytes:
+            raise ManifestError(f"{path}: {size} bytes, the manifest says {ref.bytes}; the file is damaged or was replaced")
+        if not verify_hashes or (cache is not None and cache.known(path, ref.sha256)):
+            return
+        if sha256_file(path) != ref.sha256:
+            raise ManifestError(f"{path}: sha256 differs from the manifest; the file is damaged or was replaced")
+        if cache is not None:
+            cache.remember(path, ref.sha256)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

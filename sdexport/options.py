@@ -184,7 +184,6 @@ class BackendOptions(Section):
     threads: int | None = setting(kind=int, check=at_least(0), help="inference threads (0: the backend's default)")
     precision_hint: str | None = setting(kind=str, choices=PRECISION_HINTS, help="OpenVINO inference precision")
     performance_hint: str | None = setting(kind=str, choices=PERFORMANCE_HINTS, help="OpenVINO performance hint")
-    cache_dir: str | None = setting(kind=str, help="compiled-model cache directory")
     winograd: str | None = setting(kind=str, choices=WINOGRAD_RUN_MODES,
                                    help="OpenVINO CPU at f32: apply the export's Winograd plan (auto) or not (off)")
     compute_units: str | None = setting(kind=str, choices=COMPUTE_UNITS, flag="--compute-units", for_target="coreml",
@@ -195,7 +194,7 @@ class BackendOptions(Section):
 
     # Settings that describe the target device, not the export machine: the parity check at export
     # runs here, so they stay out of its sessions (device_loop is the pipeline's, not a session's).
-    DEVICE_ONLY: ClassVar[tuple[str, ...]] = ("device", "providers", "compute_units", "cache_dir", "device_loop")
+    DEVICE_ONLY: ClassVar[tuple[str, ...]] = ("device", "providers", "compute_units", "device_loop")
 
     def session_options(self) -> dict[str, Any]:
         """What the runtime's sessions get (SessionOptions.from_mapping)."""

@@ -65,3 +65,100 @@ def test_openvino_cache_is_keyed_on_content(ov_artifact, tmp_path):
     after = _generate(copy, tmp_path / "b.png")
     assert not np.array_equal(before, expected)  # the edit changes the image
     assert np.array_equal(after, expected)
+
+
+# --- the manifest is untrusted: paths, hashes, write locations (items 4, 5, 6) ----------------------
+
+from tests.test_cli_errors import assert_one_line_error, run_cli  # noqa: E402
+
+
+def _tampered(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "sdexport.json").read_text())
+    edit(data)
+    (dst / "sdexport.json").write_text(json.dumps(data))
+    return dst
+
+
+def _unet_files(data: dict) -> list[dict]:
+    return data["components"]["unet"]["files"]
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "other-artifact", "symlink", "tokenizer", "scheduler"])
+def test_manifest_paths_stay_inside_the_artifact(capsys, ov_artifact, tmp_path, where):
+    other = tmp_path / "other"
+    shutil.copytree(ov_artifact, other)
+
+    def edit(data):
+        if where == "absolute":
+            _unet_files(data)[0]["path"] = "/etc/passwd"
+        elif where == "dotdot":
+            _unet_files(data)[0]["path"] = "../../../../../../etc/passwd"
+        elif where == "other-artifact":
+            for ref in _unet_files(data):
+                ref["path"] = "../other/" + ref["path"]
+        elif where == "tokenizer":
+            data["tokenizer"] = "../other/tokenizer"
+        elif where == "scheduler":
+            data["scheduler_config"] = "/etc/hostname"
+
+    copy = _tampered(ov_artifact, tmp_path / "copy", edit)
+    if where == "symlink":
+        target = copy / "unet" / "model.bin"
+        target.unlink()
+        target.symlink_to(other / "unet" / "model.bin")
+    out = tmp_path / "o.png"
+    code, err = run_cli(capsys, "generate", copy, "--prompt", "x", "--steps", "1", "--output", out)
+    assert_one_line_error(code, err, "outside the artifact" if where != "absolute" and where != "scheduler" else "absolute")
+    assert not out.exists()
+    code, err = run_cli(capsys, "inspect", copy, "--verify")
+    assert code == 2 and "all files present" not in err
+
+
+def test_flipped_bytes_of_the_same_size_are_refused(capsys, ov_artifact, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(ov_artifact, copy)
+    weights = copy / "unet" / "model.bin"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.seek(size // 2)
+        block = f.read(4096)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in block))
+    out = tmp_path / "o.png"
+    code, err = run_cli(capsys, "generate", copy, "--prompt", "x", "--steps", "1", "--output", out)
+    assert_one_line_error(code, err, "unet/model.bin", "sha256")
+    assert not out.exists()
+
+
+def test_a_wrong_hash_in_the_manifest_is_refused(capsys, ov_artifact, tmp_path):
+    copy = _tampered(ov_artifact, tmp_path / "copy", lambda d: _unet_files(d)[-1].update(sha256="0" * 64))
+    code, err = run_cli(capsys, "generate", copy, "--prompt", "x", "--steps", "1", "--output", tmp_path / "o.png")
+    assert_one_line_error(code, err, "sha256")
+
+
+def test_verified_hashes_are_cached_by_size_mtime_inode(ov_artifact, tmp_path, monkeypatch):
+    from runtime import manifest as manifest_module
+    from runtime.manifest import Manifest
+
+    calls = []
+    real = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    manifest = Manifest.load(ov_artifact)
+    manifest.check_files()
+    assert len(calls) == sum(len(c.files) for c in manifest.components.values())
+    calls.clear()
+    manifest.check_files()  # a warm start hashes nothing
+    assert calls == []
+
+
+def test_the_artifact_does_not_choose_where_files_are_written(ov_artifact, tmp_path):
+    evil = tmp_path / "written-by-artifact"
+
+    def edit(data):
+        data["runtime"]["backend_options"]["cache_dir"] = str(evil)
+
+    copy = _tampered(ov_artifact, tmp_path / "copy", edit)
+    _generate(copy, tmp_path / "o.png")
+    assert not evil.exists()

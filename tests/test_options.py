@@ -19,7 +19,7 @@ EVERY_SETTING = {
     "shapes": {"static": True, "height": 64, "width": 64, "batch": 1},
     "cfg": {"mode": "sequential"},
     "backend": {"device": "cpu", "providers": ["CPUExecutionProvider"], "threads": 2, "precision_hint": "f32",
-                "performance_hint": "THROUGHPUT", "cache_dir": "ov-cache", "winograd": "off",
+                "performance_hint": "THROUGHPUT", "winograd": "off",
                 "compute_units": "cpu-only", "device_loop": "off"},
     "coreml": {"attention": "original", "compress": "palettize6", "minimum_deployment_target": "macOS15",
                "weight_threshold": 4096},
@@ -73,7 +73,7 @@ def _readers():
         ("validation", "min_psnr_fp32"): lambda o, m: o.min_psnr_fp32,  # what validate.gate reads
         ("validation", "min_psnr_reduced"): lambda o, m: o.min_psnr_reduced,
     }
-    for name in ("device", "threads", "precision_hint", "performance_hint", "cache_dir", "winograd", "compute_units"):
+    for name in ("device", "threads", "precision_hint", "performance_hint", "winograd", "compute_units"):
         readers[("backend", name)] = lambda o, m, name=name: getattr(session(m), name)
     for name in EVERY_SETTING["coreml"]:
         readers[("coreml", name)] = lambda o, m, name=name: getattr(CoreMLSettings.from_options(o), name)

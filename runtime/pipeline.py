@@ -18,6 +18,7 @@ from PIL import Image
 from runtime import image as imgproc
 from runtime.backends import SessionOptions, open_session
 from runtime.manifest import Manifest
+from runtime.numerics import check_finite
 from runtime.rng import RNG_KINDS, make_rng
 from runtime.schedulers import SCHEDULER_NAMES, scheduler_from_config, scheduler_from_file
 from runtime.tokenizer import CLIPTokenizer
@@ -196,6 +197,7 @@ class Pipeline:
         if self.info.vae_shift_factor is not None:
             z = z + F32(self.info.vae_shift_factor)
         sample = self.session("vae_decoder").run({"latent_sample": z.astype(F32)})["sample"]
+        check_finite("vae_decoder", sample, self.manifest.component("vae_decoder").precision)
         return imgproc.decode_to_images(sample)
 
     def make_scheduler(self, name: str | None):
@@ -377,6 +379,7 @@ class Pipeline:
                 callback(i, float(t), latents)
 
         # 6. decode
+        check_finite("unet", latents, self.manifest.component("unet").precision)
         images = self.decode(latents)
         self.timings["total"] = time.perf_counter() - t_start
         settings = {

@@ -51,6 +51,7 @@ class Result:
     settings: dict[str, Any]
     timings: dict[str, float]  # seconds per component (summed over calls), "load" (sessions opened), "total"
     calls: dict[str, int]
+    loop_reason: str | None = None  # why settings["loop"] is the device or the numpy loop
 
     @property
     def image(self) -> Image.Image:
@@ -60,6 +61,55 @@ class Result:
     def overhead_seconds(self) -> float:
         """Time not spent inside a model or loading one: tokenizer, scheduler, CFG arithmetic, image conversion."""
         return self.timings["total"] - sum(v for k, v in self.timings.items() if k != "total")
+
+
+@dataclasses.dataclass
+class _Run:
+    """One generate call's arguments, checked and with their defaults filled in."""
+
+    prompts: list[str]
+    negatives: list[str]
+    steps: int
+    guidance_scale: float
+    strength: float
+    height: int
+    width: int
+    init_image: Image.Image | None
+    mask_image: Image.Image | None
+    do_cfg: bool
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+
+@dataclasses.dataclass
+class _Latents:
+    """The initial latents, and what img2img and inpainting keep of the input image."""
+
+    latents: np.ndarray
+    image_latents: np.ndarray | None = None  # the encoded input image (batch-repeated)
+    noise: np.ndarray | None = None  # the noise added to it, to re-noise the kept area at each step
+    mask: np.ndarray | None = None  # [B, 1, h, w], 1 where to paint
+    masked_image: np.ndarray | None = None  # the encoded input image with the area to paint blanked
+
+
+def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    batch = len(prompts)
+    if batch == 0:
+        raise PipelineInputError("no prompt given")
+    if negative_prompt is None:
+        return prompts, [""] * batch
+    negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != batch:
+        raise PipelineInputError(f"{len(negatives)} negative prompts for {batch} prompts")
+    return prompts, negatives
+
+
+def _control_setting(control: Control) -> dict[str, Any]:
+    image = str(control.image) if not isinstance(control.image, Image.Image) else "<image>"
+    return dataclasses.asdict(control) | {"image": image}
 
 
 class _Timed:
@@ -82,6 +132,10 @@ class Pipeline:
 
     >>> pipe = Pipeline.from_dir("OUT")
     >>> image = pipe("a prompt", steps=20, seed=1, rng="torch")
+
+    ``generate`` runs the stages of diffusers' ``__call__``, each a method: ``check_inputs``,
+    ``text_embeddings``, ``prepare_timesteps``, ``prepare_latents``, ``choose_loop`` (the device or
+    the numpy loop, and why), ``denoise``, ``decode``.
     """
 
     def __init__(self, manifest: Manifest, options: SessionOptions | Mapping[str, Any] | None = None,
@@ -106,7 +160,6 @@ class Pipeline:
         self.scheduler_config = json.loads(self.scheduler_path.read_text(encoding="utf-8"))
         self._sessions: dict[str, Any] = {}
         self._device_loop: Any = None  # runtime.device_loop.DeviceLoop, opened where it applies
-        self.loop_note: str | None = None  # why the last run used the numpy loop (None: device loop or not tried)
         self.timings: dict[str, float] = {}
         self.calls: dict[str, int] = {}
 
@@ -138,45 +191,51 @@ class Pipeline:
 
         Backend option ``device_loop``: "auto" (default: on the CUDA provider), "on" (any provider
         it supports, the CPU one included), "off"."""
-        mode = str(self.options.extra.get("device_loop", self.manifest.runtime.device_loop)).lower()
+        return self._open_device_loop()[0]
+
+    def _device_loop_mode(self) -> str:
+        return str(self.options.extra.get("device_loop", self.manifest.runtime.device_loop)).lower()
+
+    def _open_device_loop(self):
+        """(the device loop, None), or (None, why it does not apply to this pipeline)."""
+        mode = self._device_loop_mode()
         component = self.manifest.component("unet")
-        if mode == "off" or component.backend != "onnxruntime":
-            return None
+        if mode == "off":
+            return None, "device_loop is off"
+        if component.backend != "onnxruntime":
+            return None, f"the device loop runs ONNX Runtime U-Nets, this one is {component.backend}"
         if self._device_loop is None:
             from runtime.backends.onnxruntime import resolve_providers
             from runtime.device_loop import DeviceLoop, DeviceLoopUnsupported
 
             if mode == "auto" and resolve_providers(self.options)[0] != "CUDAExecutionProvider":
-                return None
+                return None, "device_loop auto uses the device loop on the CUDA provider only"
             start = time.perf_counter()
             try:
                 self._device_loop = DeviceLoop.open(component, self.root, self.options)
             except DeviceLoopUnsupported as e:
-                self.loop_note = str(e)
-                return None
+                return None, str(e)
             self.timings["load"] = self.timings.get("load", 0.0) + time.perf_counter() - start
-        return self._device_loop
+        return self._device_loop, None
 
-    def _device_loop_for(self, sched, timesteps, controls, mask):
-        """The device loop when this run can use it, else None (and ``loop_note`` says why)."""
+    def choose_loop(self, sched, timesteps, controls, mask) -> tuple[Any, str]:
+        """(the device loop, why) when this run can use it, else (None, why the numpy loop runs)."""
         from runtime.device_loop import PlanError
 
-        self.loop_note = None
         if controls is not None:
-            self.loop_note = "ControlNet runs use the numpy loop"
-        elif mask is not None and not self.info.is_inpainting:
-            self.loop_note = "mask blending for ordinary U-Nets uses the numpy loop"
-        elif {s.name for s in self.manifest.component("unet").inputs} - {"sample", "timestep", "encoder_hidden_states"}:
-            self.loop_note = "this U-Net takes inputs the device loop does not feed"
-        loop = None if self.loop_note else self.device_loop()
+            return None, "ControlNet runs use the numpy loop"
+        if mask is not None and not self.info.is_inpainting:
+            return None, "mask blending for ordinary U-Nets uses the numpy loop"
+        if {s.name for s in self.manifest.component("unet").inputs} - {"sample", "timestep", "encoder_hidden_states"}:
+            return None, "this U-Net takes inputs the device loop does not feed"
+        loop, reason = self._open_device_loop()
         if loop is None:
-            return None
+            return None, reason
         try:
             loop.plan(sched, timesteps)
         except PlanError as e:
-            self.loop_note = f"numpy loop: {e}"
-            return None
-        return loop
+            return None, f"numpy loop: {e}"
+        return loop, "the scheduler's step is linear: the device loop runs it"
 
     # -- pieces of the loop --------------------------------------------------------------------
 
@@ -235,27 +294,44 @@ class Pipeline:
         t_start = time.perf_counter()
         self.timings.clear()
         self.calls.clear()
-        info = self.info
-        recommended = info.recommended or {}
+        run = self.check_inputs(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, rng=rng,
+                                height=height, width=width, image=image, strength=strength, mask=mask)
+        noise_rng = make_rng(seed, rng)
+        sched = self.make_scheduler(scheduler)
+        embeddings = self.text_embeddings(run)
+        timesteps = self.prepare_timesteps(sched, run)
+        state = self.prepare_latents(run, sched, timesteps, noise_rng)
+        control_state = self._prepare_controls(controls, run.height, run.width, run.batch, run.do_cfg, guess_mode,
+                                               len(timesteps))
+        loop, loop_reason = self.choose_loop(sched, timesteps, control_state, run.mask_image)
+        latents = self.denoise(loop, run, sched, timesteps, state, embeddings, control_state, noise_rng,
+                               callback=callback, progress=progress)
+        check_finite("unet", latents, self.manifest.component("unet").precision)
+        images = self.decode(latents)
+        self.timings["total"] = time.perf_counter() - t_start
+        settings = self._settings(run, seed=seed, rng=rng, scheduler=scheduler, controls=controls,
+                                  guess_mode=guess_mode, loop="device" if loop is not None else "numpy")
+        return Result(images, latents if return_latents else None, seed, settings, dict(self.timings),
+                      dict(self.calls), loop_reason)
+
+    # -- 1. inputs ------------------------------------------------------------------------------
+
+    def check_inputs(self, prompt, negative_prompt, *, steps, guidance_scale, rng, height, width, image, strength,
+                     mask) -> _Run:
+        """Every argument checked, and the defaults filled in, before any model runs."""
+        recommended = self.info.recommended or {}
         steps = int(steps if steps is not None else recommended.get("steps", 50))
         guidance_scale = float(guidance_scale if guidance_scale is not None else recommended.get("guidance_scale", 7.5))
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch = len(prompts)
-        if batch == 0:
-            raise PipelineInputError("no prompt given")
-        if negative_prompt is None:
-            negatives = [""] * batch
-        else:
-            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negatives) != batch:
-                raise PipelineInputError(f"{len(negatives)} negative prompts for {batch} prompts")
+        prompts, negatives = _prompt_lists(prompt, negative_prompt)
+        if not np.isfinite(guidance_scale):
+            raise PipelineInputError(f"guidance scale {guidance_scale} is not a finite number")
         if steps < 1:
             raise PipelineInputError(f"steps must be at least 1, got {steps}")
         if rng not in RNG_KINDS:
             raise PipelineInputError(f"unknown rng {rng!r}; choose one of {', '.join(RNG_KINDS)}")
         if mask is not None and image is None:
             raise PipelineInputError("a mask needs an input image (--image) to inpaint")
-        if info.is_inpainting and (image is None or mask is None):
+        if self.info.is_inpainting and (image is None or mask is None):
             raise PipelineInputError("this is an inpainting model: give an image and a mask")
         if strength is None:
             strength = 1.0 if mask is not None else 0.8
@@ -268,138 +344,170 @@ class Pipeline:
             raise PipelineInputError(
                 f"mask is {mask_image.width}x{mask_image.height} but the image is {init_image.width}x{init_image.height}"
             )
-        f = info.vae_scale_factor
+        height, width = self._output_size(init_image, height, width)
+        self._check_static_shape(height, width, len(prompts))
+        do_cfg = guidance_scale > 1.0 and not self.info.time_cond_proj_dim
+        return _Run(prompts, negatives, steps, guidance_scale, strength, height, width, init_image, mask_image, do_cfg)
+
+    def _output_size(self, init_image, height, width) -> tuple[int, int]:
+        f = self.info.vae_scale_factor
         if init_image is not None:
             height, width = imgproc.default_size(init_image, height, width, f)
         else:
             static_h, static_w = self.static_size()
-            height = int(height or static_h or info.default_height)
-            width = int(width or static_w or info.default_width)
+            height = int(height if height is not None else static_h or self.info.default_height)
+            width = int(width if width is not None else static_w or self.info.default_width)
         for label, value in (("height", height), ("width", width)):
             if value <= 0 or value % f:
                 raise PipelineInputError(f"{label} {value} must be a positive multiple of {f}")
-        self._check_static_shape(height, width, batch)
+        return height, width
 
-        do_cfg = guidance_scale > 1.0 and not info.time_cond_proj_dim
-        noise_rng = make_rng(seed, rng)
-        sched = self.make_scheduler(scheduler)
+    def text_embeddings(self, run: _Run) -> np.ndarray:
+        """The prompts' embeddings, after the negative prompts' when classifier-free guidance is on."""
+        embeddings = self.encode_prompts(run.prompts)
+        if run.do_cfg:
+            embeddings = np.concatenate([self.encode_prompts(run.negatives), embeddings])
+        return embeddings
 
-        # 1. text
-        embeddings = self.encode_prompts(prompts)
-        if do_cfg:
-            embeddings = np.concatenate([self.encode_prompts(negatives), embeddings])
+    # -- 2. timesteps ---------------------------------------------------------------------------
 
-        # 2. timesteps (img2img and inpainting start part way, as diffusers' get_timesteps does)
-        sched.set_timesteps(steps)
+    def prepare_timesteps(self, sched, run: _Run) -> np.ndarray:
+        """The run's timesteps; img2img and inpainting start part way, as diffusers' get_timesteps does."""
+        sched.set_timesteps(run.steps)
         timesteps = np.asarray(sched.timesteps)
-        if init_image is not None:
-            init_steps = min(int(steps * strength), steps)
-            t_start_index = max(steps - init_steps, 0)
-            timesteps = timesteps[t_start_index * sched.order:]
-            sched.set_begin_index(t_start_index * sched.order)
-            if len(timesteps) == 0 or steps - t_start_index < 1:
-                raise PipelineInputError(
-                    f"strength {strength} with {steps} steps leaves no denoising step; raise --strength or --steps"
-                )
+        if run.init_image is None:
+            return timesteps
+        steps = run.steps
+        init_steps = min(int(steps * run.strength), steps)
+        t_start_index = max(steps - init_steps, 0)
+        timesteps = timesteps[t_start_index * sched.order:]
+        sched.set_begin_index(t_start_index * sched.order)
+        if len(timesteps) == 0 or steps - t_start_index < 1:
+            raise PipelineInputError(
+                f"strength {run.strength} with {steps} steps leaves no denoising step; raise --strength or --steps"
+            )
+        return timesteps
 
-        # 3. latents
-        latent_shape = (batch, info.latent_channels, height // f, width // f)
+    # -- 3. latents -----------------------------------------------------------------------------
+
+    def prepare_latents(self, run: _Run, sched, timesteps: np.ndarray, rng) -> _Latents:
+        """The initial latents of txt2img, img2img or inpainting (random draws in diffusers' order)."""
+        f = self.info.vae_scale_factor
+        shape = (run.batch, self.info.latent_channels, run.height // f, run.width // f)
+        if run.init_image is None:
+            return _Latents((rng.randn(shape) * F32(sched.init_noise_sigma)).astype(F32))
+        pixels = imgproc.to_model_input(run.init_image, run.height, run.width)
+        if run.mask_image is None:
+            image_latents = self._encode_batch(pixels, rng, run.batch)
+            noise = rng.randn(shape)
+            latents = sched.add_noise(image_latents, noise, timesteps[:1].repeat(run.batch))
+            return _Latents(latents.astype(F32), image_latents, noise)
+        return self._inpainting_latents(run, pixels, shape, sched, timesteps, rng)
+
+    def _inpainting_latents(self, run: _Run, pixels, shape, sched, timesteps, rng) -> _Latents:
+        full_strength = run.strength == 1.0
+        image_latents = None
+        if not self.info.is_inpainting or not full_strength:  # encoded only when needed, as diffusers does
+            image_latents = self._encode_batch(pixels, rng, run.batch)
+        noise = rng.randn(shape)
+        if full_strength:
+            latents = noise * F32(sched.init_noise_sigma)
+        else:
+            latents = sched.add_noise(image_latents, noise, timesteps[:1].repeat(run.batch))
+        f = self.info.vae_scale_factor
+        mask_full = imgproc.mask_to_array(run.mask_image, run.height, run.width)
+        mask = np.repeat(imgproc.nearest_downsample(mask_full, run.height // f, run.width // f), run.batch, axis=0)
+        masked_image = self._encode_batch((pixels * (mask_full < 0.5)).astype(F32), rng, run.batch)
+        return _Latents(latents.astype(F32), image_latents, noise, mask, masked_image)
+
+    def _encode_batch(self, pixels: np.ndarray, rng, batch: int) -> np.ndarray:
         # One image for the whole batch: encoded once (one noise draw), then repeated, as diffusers does.
-        pixels = imgproc.to_model_input(init_image, height, width) if init_image is not None else None
-        image_latents = noise = None
-        full_strength = strength == 1.0
-        if init_image is None:
-            latents = noise_rng.randn(latent_shape) * F32(sched.init_noise_sigma)
-        elif mask_image is None:  # img2img
-            image_latents = np.repeat(self._encode_image(pixels, noise_rng), batch, axis=0)
-            noise = noise_rng.randn(latent_shape)
-            latents = sched.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
-        else:  # inpainting: encode the image only when needed, as diffusers does
-            if not info.is_inpainting or not full_strength:
-                image_latents = np.repeat(self._encode_image(pixels, noise_rng), batch, axis=0)
-            noise = noise_rng.randn(latent_shape)
-            if full_strength:
-                latents = noise * F32(sched.init_noise_sigma)
-            else:
-                latents = sched.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
-        latents = latents.astype(F32)
+        return np.repeat(self._encode_image(pixels, rng), batch, axis=0)
 
-        mask_latent = masked_latents = None
-        if mask_image is not None:
-            mask_full = imgproc.mask_to_array(mask_image, height, width)
-            masked_pixels = pixels * (mask_full < 0.5)
-            mask_latent = np.repeat(imgproc.nearest_downsample(mask_full, height // f, width // f), batch, axis=0)
-            masked_latents = np.repeat(self._encode_image(masked_pixels.astype(F32), noise_rng), batch, axis=0)
+    # -- 4. denoise -----------------------------------------------------------------------------
 
-        # 4. ControlNets
-        control_state = self._prepare_controls(controls, height, width, batch, do_cfg, guess_mode, len(timesteps))
-
-        # 5. denoise
-        n_total = len(timesteps)
-        loop = self._device_loop_for(sched, timesteps, control_state, mask_image)
+    def denoise(self, loop, run: _Run, sched, timesteps, state: _Latents, embeddings, controls, rng, *,
+                callback=None, progress: bool = False) -> np.ndarray:
+        """The final latents, from ``loop`` (see :meth:`choose_loop`) or, when it is None, the numpy loop."""
         if loop is not None:
-            extra = None
-            if info.is_inpainting:
-                extra = np.concatenate([mask_latent, masked_latents], axis=1)
-                if do_cfg:
-                    extra = np.concatenate([extra, extra])
-            start = time.perf_counter()
-            latents = loop.denoise(sched, timesteps, latents, embeddings, guidance_scale=guidance_scale, rng=noise_rng,
-                                   cfg=self.cfg if do_cfg else "off", extra=extra, callback=callback)
-            self.timings["unet"] = self.timings.get("unet", 0.0) + time.perf_counter() - start
-            self.calls["unet"] = n_total * (2 if do_cfg and self.cfg == "sequential" else 1)
-            timesteps = timesteps[:0]  # the numpy loop below has nothing left to do
+            return self._denoise_on_device(loop, run, sched, timesteps, state, embeddings, rng, callback)
+        latents = state.latents
         iterator = enumerate(timesteps)
-        if progress and loop is None:
+        if progress:
             from tqdm import tqdm
 
-            iterator = tqdm(iterator, total=n_total, desc="denoise", unit="step")
+            iterator = tqdm(iterator, total=len(timesteps), desc="denoise", unit="step")
         for i, t in iterator:
-            model_input = np.concatenate([latents, latents]) if do_cfg else latents
-            model_input = sched.scale_model_input(model_input, t).astype(F32, copy=False)
-            unet_input = model_input
-            if info.is_inpainting:
-                extra = [mask_latent, masked_latents]
-                if do_cfg:
-                    extra = [np.concatenate([e, e]) for e in extra]
-                unet_input = np.concatenate([model_input, *extra], axis=1)
-            residuals = self._control_residuals(control_state, i, t, latents, model_input, embeddings, sched, do_cfg)
-            noise_pred = self._unet(unet_input, t, embeddings, residuals, do_cfg)
-            if do_cfg:
-                uncond, text = np.split(noise_pred, 2)
-                noise_pred = uncond + F32(guidance_scale) * (text - uncond)
-            latents = np.asarray(sched.step(noise_pred, t, latents, rng=noise_rng), dtype=F32)
-            if mask_image is not None and not info.is_inpainting:
-                # ordinary U-Net: keep the unmasked area on the noised original's trajectory
-                proper = image_latents
-                if i < n_total - 1:
-                    proper = sched.add_noise(image_latents, noise, np.asarray([timesteps[i + 1]]))
-                latents = ((1 - mask_latent) * proper + mask_latent * latents).astype(F32)
+            noise_pred = self._predict_noise(run, sched, i, t, latents, state, embeddings, controls)
+            latents = np.asarray(sched.step(noise_pred, t, latents, rng=rng), dtype=F32)
+            if run.mask_image is not None and not self.info.is_inpainting:
+                latents = self._keep_unmasked(sched, timesteps, i, latents, state)
             if callback is not None:
                 callback(i, float(t), latents)
+        return latents
 
-        # 6. decode
-        check_finite("unet", latents, self.manifest.component("unet").precision)
-        images = self.decode(latents)
-        self.timings["total"] = time.perf_counter() - t_start
-        settings = {
-            "prompt": prompts[0] if batch == 1 else prompts,
-            "negative_prompt": negatives[0] if batch == 1 else negatives,
+    def _denoise_on_device(self, loop, run: _Run, sched, timesteps, state: _Latents, embeddings, rng, callback):
+        extra = None
+        if self.info.is_inpainting:
+            extra = np.concatenate([state.mask, state.masked_image], axis=1)
+            if run.do_cfg:
+                extra = np.concatenate([extra, extra])
+        start = time.perf_counter()
+        latents = loop.denoise(sched, timesteps, state.latents, embeddings, guidance_scale=run.guidance_scale,
+                               rng=rng, cfg=self.cfg if run.do_cfg else "off", extra=extra, callback=callback)
+        self.timings["unet"] = self.timings.get("unet", 0.0) + time.perf_counter() - start
+        self.calls["unet"] = len(timesteps) * (2 if run.do_cfg and self.cfg == "sequential" else 1)
+        return latents
+
+    def _predict_noise(self, run: _Run, sched, i, t, latents, state: _Latents, embeddings, controls) -> np.ndarray:
+        """The U-Net's output at step ``i``, classifier-free guidance applied."""
+        model_input = np.concatenate([latents, latents]) if run.do_cfg else latents
+        model_input = sched.scale_model_input(model_input, t).astype(F32, copy=False)
+        unet_input = model_input
+        if self.info.is_inpainting:
+            extra = [state.mask, state.masked_image]
+            if run.do_cfg:
+                extra = [np.concatenate([e, e]) for e in extra]
+            unet_input = np.concatenate([model_input, *extra], axis=1)
+        residuals = self._control_residuals(controls, i, t, latents, model_input, embeddings, sched, run.do_cfg)
+        noise_pred = self._unet(unet_input, t, embeddings, residuals, run.do_cfg)
+        if run.do_cfg:
+            uncond, text = np.split(noise_pred, 2)
+            noise_pred = uncond + F32(run.guidance_scale) * (text - uncond)
+        return noise_pred
+
+    @staticmethod
+    def _keep_unmasked(sched, timesteps, i, latents, state: _Latents) -> np.ndarray:
+        """Inpainting with an ordinary U-Net: the unmasked area stays on the noised original's trajectory."""
+        proper = state.image_latents
+        if i < len(timesteps) - 1:
+            proper = sched.add_noise(state.image_latents, state.noise, np.asarray([timesteps[i + 1]]))
+        return ((1 - state.mask) * proper + state.mask * latents).astype(F32)
+
+    # -- 5. what the run was --------------------------------------------------------------------
+
+    def _settings(self, run: _Run, *, seed, rng, scheduler, controls, guess_mode, loop: str) -> dict[str, Any]:
+        one = run.batch == 1
+        return {
+            "prompt": run.prompts[0] if one else run.prompts,
+            "negative_prompt": run.negatives[0] if one else run.negatives,
             "seed": seed,
             "rng": rng,
             "scheduler": scheduler or self.scheduler_config.get("_class_name"),
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "height": height,
-            "width": width,
-            "strength": strength if init_image is not None else None,
-            "controls": [dataclasses.asdict(c) | {"image": str(c.image) if not isinstance(c.image, Image.Image) else "<image>"} for c in controls] or None,
+            "steps": run.steps,
+            "guidance_scale": run.guidance_scale,
+            "height": run.height,
+            "width": run.width,
+            "strength": run.strength if run.init_image is not None else None,
+            "controls": [_control_setting(c) for c in controls] or None,
             "guess_mode": guess_mode or None,
-            "model_hash": self.manifest.exporter.get("artifact_hash"),
-            "cfg": self.cfg if do_cfg else "off",
-            "loop": "device" if loop is not None else "numpy",
+            "model_hash": self._artifact_hash(),
+            "cfg": self.cfg if run.do_cfg else "off",
+            "loop": loop,
         }
-        return Result(images, latents if return_latents else None, seed, settings, dict(self.timings), dict(self.calls))
+
+    def _artifact_hash(self) -> str | None:
+        return self.manifest.exporter.get("artifact_hash")
 
     def static_size(self) -> tuple[int | None, int | None]:
         """Pixel height and width fixed by a static export, else (None, None)."""

@@ -660,7 +660,7 @@ class DeviceLoop:
         """
         from runtime.backends.onnxruntime import create_session
 
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers = ["CPUExecutionProvider"] if self.device == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
         try:
             session = create_session(self.model_path, providers, threads=self.threads, device_id=self.device_id,
                                      cuda_graph=True, fixed_sizes=dims)

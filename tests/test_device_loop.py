@@ -589,3 +589,13 @@ def test_cuda_loop_generates_whether_or_not_a_graph_is_captured(pipe, artifact):
     got = _device_txt2img(pipe, cuda, "euler")
     assert np.max(np.abs(got - ref)) <= 2e-3 * float(np.abs(ref).max())
     assert cuda.stats()["cuda_graph"] == cuda.cuda_graph_status
+
+
+def test_fixed_size_sessions_give_the_same_latents(pipe, artifact):
+    """The path taken when ORT refuses a CUDA graph over symbolic sizes: one session per shape with the
+    sizes fixed. On the CPU provider (no graph to capture) it must compute what the numpy loop does."""
+    loop = DeviceLoop.open(pipe.manifest.component("unet"), pipe.root, {"device": "cpu"})
+    loop._graph_mode = "static"  # what a refused capture on CUDA leaves
+    pipe.cfg = "batched"
+    _assert_close(_device_txt2img(pipe, loop, "euler"), _numpy_txt2img(pipe, "euler"))
+    assert loop.cuda_graph_status == "on (sizes fixed: N=2, h=8, w=8)"

@@ -19,6 +19,7 @@ def artifact(tmp_path_factory, tiny_sd1):
     return out
 
 
+@pytest.mark.slow
 def test_bench_report(artifact, tiny_sd1, tmp_path):
     start = time.perf_counter()
     assert main(["bench", str(artifact), "--reference", str(tiny_sd1), "--height", "64", "--width", "64",
@@ -65,6 +66,7 @@ def test_reference_with_other_weights_is_refused(capsys, artifact, tmp_path):
     assert_one_line_error(code, err, "does not match the artifacts", "text encoders disagree")
 
 
+@pytest.mark.slow
 def test_cold_start_harness(artifact, tmp_path):
     """The one child-process harness (sdexport bench and the benchmark scripts): phases, memory, the image."""
     from pathlib import Path

@@ -110,6 +110,7 @@ def linears_outside_transformers(module: torch.nn.Module) -> int:
 
 @NEEDS_CT
 @pytest.mark.parametrize("which", ["stock_export", "ane_export"])
+@pytest.mark.slow
 def test_packages_declare_what_the_manifest_says(request, which):
     root = request.getfixturevalue(which)
     m = Manifest.load(root)  # every listed file present with its size
@@ -134,6 +135,7 @@ def test_packages_declare_what_the_manifest_says(request, which):
 
 
 @NEEDS_CT
+@pytest.mark.slow
 def test_control_unet_and_controlnet_use_the_residual_layout(stock_export):
     m = Manifest.load(stock_export)
     info = m.model
@@ -149,6 +151,7 @@ def test_control_unet_and_controlnet_use_the_residual_layout(stock_export):
 
 
 @NEEDS_CT
+@pytest.mark.slow
 def test_attention_variant_is_in_the_program(stock_export, ane_export, tiny_sd1):
     stock, ane = Manifest.load(stock_export), Manifest.load(ane_export)
     for name in ("text_encoder", "unet", "vae_decoder"):
@@ -168,6 +171,7 @@ def test_attention_variant_is_in_the_program(stock_export, ane_export, tiny_sd1)
 
 
 @NEEDS_CT
+@pytest.mark.slow
 def test_palettized_export_has_lookup_tables_and_shrinks(ane_export):
     m = Manifest.load(ane_export)
     for c in m.components.values():
@@ -197,6 +201,7 @@ EXPECTED_BITS = {"palettize4": 4, "palettize6": 6, "palettize8": 8, "linear8": 8
 
 @NEEDS_CT
 @pytest.mark.parametrize("mode", list(COMPRESSION))
+@pytest.mark.slow
 def test_each_compression_mode(text_encoder_package, tmp_path, mode):
     ct = coremltools()
     with quiet_coremltools():
@@ -214,6 +219,7 @@ def test_each_compression_mode(text_encoder_package, tmp_path, mode):
 
 
 @NEEDS_CT
+@pytest.mark.slow
 def test_sd2_unet_with_linear_projections_converts_at_fp32(tmp_path, tiny_sd2v):
     """sd2-v: linear proj_in/proj_out and 2/4 heads per block; fp32 weights and compute."""
     source = DiffusersSource.open(tiny_sd2v)
@@ -332,6 +338,7 @@ def test_offline_parity_compares_the_torch_rewrite(tiny_sd1):
 
 @NEEDS_CT
 @pytest.mark.skipif(ON_MAC, reason="on macOS the components are validated by running them")
+@pytest.mark.slow
 def test_export_records_skipped_parity(ane_export, capsys):
     from sdexport.cli import main
 
@@ -422,6 +429,7 @@ def test_neural_engine_needs_fp16(tiny_sd1, tmp_path):
 
 @NEEDS_CT
 @pytest.mark.skipif(ON_MAC, reason="on macOS the export runs")
+@pytest.mark.slow
 def test_generate_on_linux_is_one_line(capsys, stock_export, tmp_path):
     code, err = run_cli(capsys, "generate", stock_export, "--prompt", "x", "--steps", "1", "--output", tmp_path / "o.png")
     assert_one_line_error(code, err, "Core ML models run only on macOS", "this is Linux")
@@ -467,6 +475,7 @@ def _fake_coremltools(component):
 
 
 @NEEDS_CT
+@pytest.mark.slow
 def test_backend_opens_with_the_recorded_compute_units(monkeypatch, stock_export):
     import runtime.backends.coreml as backend
 
@@ -579,6 +588,7 @@ def test_cli_coreml_flags_need_the_coreml_target(capsys, tmp_path, tiny_sd1):
 
 @NEEDS_CT
 @pytest.mark.skipif(ON_MAC, reason="on macOS the export runs")
+@pytest.mark.slow
 def test_cli_generate_with_compute_units_on_linux(capsys, stock_export, tmp_path):
     code, err = run_cli(capsys, "generate", stock_export, "--prompt", "x", "--compute-units", "cpu-and-gpu",
                         "--output", tmp_path / "o.png")

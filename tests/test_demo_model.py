@@ -130,6 +130,7 @@ def test_bundled_model_is_a_standard_diffusers_folder_with_the_real_vocabulary(b
     assert (ASSETS / "weights.safetensors").stat().st_size < 16e6
 
 
+@pytest.mark.slow
 def test_torch_pipeline_draws_the_prompted_colour_and_shape(torch_images, prompts):
     acc = _accuracy(torch_images, prompts)
     _report("diffusers (torch)", acc)
@@ -148,6 +149,7 @@ def demo(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_demo_writes_the_grid_and_its_table(demo):
     out, result = demo
     grid = Image.open(out / "grid.png")
@@ -168,6 +170,7 @@ def test_demo_refuses_to_replace_a_directory_it_did_not_write(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_onnx_export_draws_the_prompted_colour_and_shape(demo, prompts, torch_images):
     out, _ = demo
     images = _runtime_images(out / "onnx", prompts)
@@ -177,6 +180,7 @@ def test_onnx_export_draws_the_prompted_colour_and_shape(demo, prompts, torch_im
     assert _psnr(torch_images, images) >= MIN_PSNR_DB
 
 
+@pytest.mark.slow
 def test_controlnet_draws_the_shape_of_the_edge_map(demo):
     """Edge maps of held-out scenes: the image has the edges' shape at the edges' place, in the prompted colour."""
     from runtime.pipeline import Control, Pipeline
@@ -221,6 +225,7 @@ def openvino_int8(bundled, tmp_path_factory):
     return _openvino_export(bundled, tmp_path_factory, "int8")
 
 
+@pytest.mark.slow
 def test_openvino_export_draws_the_prompted_colour_and_shape(openvino_fp32, prompts, torch_images):
     images = _runtime_images(openvino_fp32, prompts)
     acc = _accuracy(images, prompts)
@@ -229,6 +234,7 @@ def test_openvino_export_draws_the_prompted_colour_and_shape(openvino_fp32, prom
     assert _psnr(torch_images, images) >= MIN_PSNR_DB
 
 
+@pytest.mark.slow
 def test_openvino_int8_export_keeps_the_prompted_colour_and_shape(openvino_int8, prompts):
     images = _runtime_images(openvino_int8, prompts)
     acc = _accuracy(images, prompts)
@@ -245,6 +251,7 @@ def test_cli_demo_refuses_a_foreign_directory_in_one_line(capsys, tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_onnx_int8_static_export_keeps_the_prompted_colour_and_shape(bundled, prompts, tmp_path_factory):
     """The calibrated QDQ U-Net (int8 weights and activations), calibrated on the bundled model's own runs."""
     from sdexport.cli import main

@@ -143,6 +143,7 @@ def test_inpaint_equals_diffusers(export, inputs, tmp_path, tiny_sd1, tiny_inpai
     _check(ours, theirs)
 
 
+@pytest.mark.slow
 def test_controlnet_export_and_parity(export, inputs, tmp_path, tiny_sd1, tiny_controlnet):
     from diffusers import ControlNetModel
 
@@ -162,6 +163,7 @@ def test_controlnet_export_and_parity(export, inputs, tmp_path, tiny_sd1, tiny_c
     _check(ours, theirs)
 
 
+@pytest.mark.slow
 def test_static_export(export, tmp_path, tiny_sd1):
     import openvino as ov
 
@@ -189,6 +191,7 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("precision", list(EXPECTED))
+@pytest.mark.slow
 def test_reduced_precision(export, tmp_path, tiny_sd1, precision):
     fp32, reduced = export(tiny_sd1), export(tiny_sd1, "--precision", precision)
     full, small = _manifest(fp32)["components"], _manifest(reduced)["components"]

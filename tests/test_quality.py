@@ -52,6 +52,7 @@ def check_report(out, artifact, expected_precisions: dict) -> dict:
     return report
 
 
+@pytest.mark.slow
 def test_quality_of_onnx_int8_static(tmp_path_factory, tmp_path, tiny_sd1, capsys):
     artifact = exported(tmp_path_factory, tiny_sd1, *STATIC, "--precision", "int8-static", *CALIBRATION)
     out = tmp_path / "report"
@@ -69,6 +70,7 @@ def test_quality_of_onnx_int8_static(tmp_path_factory, tmp_path, tiny_sd1, capsy
     print(printed)
 
 
+@pytest.mark.slow
 def test_quality_of_openvino_int8(tmp_path_factory, tmp_path, tiny_sd1):
     """OpenVINO's NNCF compression reports through the same code."""
     artifact = exported(tmp_path_factory, tiny_sd1, *STATIC, "--target", "openvino", "--precision", "int8")

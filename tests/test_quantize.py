@@ -71,6 +71,7 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("precision", list(EXPECTED))
+@pytest.mark.slow
 def test_quantized_export_generates(tmp_path_factory, tmp_path, tiny_sd1, fp32, precision, record_property):
     artifact = exported(tmp_path_factory, tiny_sd1, *STATIC, "--precision", precision, *CALIBRATION)
     full, small = manifest(fp32)["components"], manifest(artifact)["components"]
@@ -102,6 +103,7 @@ def test_quantized_export_generates(tmp_path_factory, tmp_path, tiny_sd1, fp32, 
     assert value >= 25.0, f"{precision}: image PSNR {value:.1f} dB vs fp32"  # the same picture, not noise
 
 
+@pytest.mark.slow
 def test_qdq_graph_is_standard(tmp_path_factory, tiny_sd1):
     """TensorRT and every ORT execution provider read it: QuantizeLinear/DequantizeLinear with int8
     zero points (symmetric), per-channel weight scales, float attention, softmax and norms."""
@@ -136,6 +138,7 @@ def test_qdq_graph_is_standard(tmp_path_factory, tiny_sd1):
             assert not (quantized_input(node, 0) and quantized_input(node, 1)), node.name  # scores / values float
 
 
+@pytest.mark.slow
 def test_mixed_meets_the_target_smaller_than_fp16(tmp_path_factory, tmp_path, tiny_sd1, fp32, record_property):
     static = manifest(exported(tmp_path_factory, tiny_sd1, *STATIC, "--precision", "int8-static", *CALIBRATION))
     static_psnr = static["components"]["unet"]["details"]["quantization"]["psnr_db"]

@@ -666,7 +666,8 @@ def run_all(args, argv: list[str]) -> None:
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([str(args.site), root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     base = [a for a in argv if a not in ("--stage", "all")]
-    for stage in STAGES:
+    # a report before the CUDA tests too: should the device tool's 10 minutes run out there, it is in --out
+    for stage in (*STAGES[:-2], "report", *STAGES[-2:]):
         limit = STAGE_LIMITS[stage] * args.time_scale
         start = time.perf_counter()
         try:

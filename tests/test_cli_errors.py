@@ -76,7 +76,7 @@ def test_existing_output_is_refused_and_untouched(capsys, tmp_path, tiny_sd1):
 
 def test_overwrite_replaces_whole_directory(capsys, tmp_path, tiny_sd1):
     out = tmp_path / "o"
-    out.mkdir()
+    assert main(["export", str(tiny_sd1), "--out", str(out), "--dry-run", "--quiet"]) == 0  # an earlier export
     (out / "old.txt").write_text("old")
     code, _ = run_cli(capsys, "export", tiny_sd1, "--out", out, "--overwrite", "--quiet")
     assert code == 0 and not (out / "old.txt").exists() and (out / "sdexport.json").is_file()

@@ -144,7 +144,7 @@ def artifact_hash(components: dict[str, Component]) -> str:
 def export(source_path: str | Path, out: str | Path, options: ExportOptions, progress: bool = True,
            command: list[str] | None = None) -> Manifest:
     out = Path(out)
-    check_output_dir(out, options.overwrite)  # before any expensive work
+    check_output_dir(out, options.overwrite, [source_path])  # before any expensive work
     source = open_source(source_path, loras=options.loras, config=options.source_config,
                          prediction_type=options.prediction_type, few_step=options.few_step)
     target = get_target(options.target)
@@ -167,7 +167,7 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
     if options.dry_run:
         return _write_plan(source, out, options, target, info, specs, command)
 
-    with staged_directory(out, options.overwrite) as stage:
+    with staged_directory(out, options.overwrite, [source_path]) as stage:
         tokenizer_check = write_tokenizer(source, stage / "tokenizer")
         (stage / "scheduler").mkdir()
         shutil.copyfile(source.path / "scheduler" / "scheduler_config.json", stage / "scheduler" / "scheduler_config.json")
@@ -209,7 +209,10 @@ def run_settings(options: ExportOptions, scales: list[float] = ()) -> RunSetting
 
 def _write_plan(source, out: Path, options: ExportOptions, target: Target, info: ModelInfo, specs, command) -> Manifest:
     """A dry run: every option resolved and checked, the components planned with their exact
-    inputs and outputs, written as a manifest marked ``dry_run`` that the runtime refuses to run."""
+    inputs and outputs, written as a manifest marked ``dry_run`` that the runtime refuses to run.
+
+    The plan goes only into a new directory: a dry run replaces nothing. When ``out`` exists it is
+    checked as the real export would check it, and the plan is returned unwritten (``root`` None)."""
     names = target.file_names
     components = {}
     for spec in specs:
@@ -227,7 +230,10 @@ def _write_plan(source, out: Path, options: ExportOptions, target: Target, info:
                   "source": str(source.path), "command": command or [], "libraries": library_versions()},
         profile=options.profile_record(), runtime=run_settings(options),
     )
-    with staged_directory(out, options.overwrite) as stage:
+    if out.exists():
+        check_output_dir(out, options.overwrite, [source.path])
+        return manifest
+    with staged_directory(out, options.overwrite, [source.path]) as stage:
         manifest.write(stage)
     return Manifest.load(out, check_files=False)
 

@@ -80,6 +80,8 @@ def cmd_export(args) -> int:
     manifest = export(args.source, args.out, options, progress=not args.quiet, command=sys.argv[1:])
     if not args.quiet:
         print(describe(manifest))
+    if manifest.root is None:  # a dry run over an existing --out: checked, nothing replaced
+        print(f"{args.out}: exists; the dry run checked it and wrote nothing (a dry run replaces nothing)", file=sys.stderr)
     return 0
 
 
@@ -167,7 +169,9 @@ def cmd_profiles(args) -> int:
 
 def cmd_merge(args) -> int:
     from sdexport.sources.merge import merge_checkpoints
+    from sdexport.export.artifacts import check_output_file
 
+    check_output_file(args.out)
     result = merge_checkpoints(args.a, args.b, args.alpha, args.out, method=args.method, base=args.base,
                                overwrite=args.overwrite)
     if not args.quiet:
@@ -180,7 +184,9 @@ def cmd_merge(args) -> int:
 
 def cmd_merge_lora(args) -> int:
     from sdexport.sources.lora import merge_loras
+    from sdexport.export.artifacts import check_output_file
 
+    check_output_file(args.out)
     model = None
     if args.model:
         from sdexport.sources.open import open_source
@@ -314,7 +320,7 @@ def png_metadata(settings: dict) -> dict:
 def describe(manifest) -> str:
     info = manifest.model
     lines = [
-        f"{manifest.root}: {info.family}, {info.prediction_type}, latents {info.latent_channels}ch /{info.vae_scale_factor}, "
+        f"{manifest.root or '(plan, not written)'}: {info.family}, {info.prediction_type}, latents {info.latent_channels}ch /{info.vae_scale_factor}, "
         f"default {info.default_width}x{info.default_height}, U-Net in {info.unet_in_channels}ch",
         ("DRY RUN (plan only, nothing converted); " if manifest.exporter.get("dry_run") else "")
         + f"exported by sdexport {manifest.exporter.get('version')} for {manifest.exporter.get('target')} "

@@ -19,6 +19,7 @@ from runtime import image as imgproc
 from runtime.backends import SessionOptions, open_session
 from runtime.manifest import Manifest
 from runtime.numerics import check_finite
+from runtime.resources import check_request
 from runtime.rng import RNG_KINDS, make_rng
 from runtime.schedulers import SCHEDULER_NAMES, scheduler_from_config, scheduler_from_file
 from runtime.tokenizer import CLIPTokenizer
@@ -347,6 +348,7 @@ class Pipeline:
         height, width = self._output_size(init_image, height, width)
         self._check_static_shape(height, width, len(prompts))
         do_cfg = guidance_scale > 1.0 and not self.info.time_cond_proj_dim
+        check_request(self.info, height, width, len(prompts), steps, do_cfg, PipelineInputError)  # before any model runs
         return _Run(prompts, negatives, steps, guidance_scale, strength, height, width, init_image, mask_image, do_cfg)
 
     def _output_size(self, init_image, height, width) -> tuple[int, int]:

@@ -140,3 +140,60 @@ def test_stage_of_a_reused_pid_is_removed(tmp_path, tiny_sd1):
     unmarked.mkdir()
     assert remove_stale_partials(tmp_path / "o") == [stage.resolve()]
     assert not stage.exists() and unmarked.is_dir()
+
+
+# -- 8. requests beyond this machine are refused up front; threads bounded by the CPUs ------------
+
+
+@pytest.fixture(scope="module")
+def onnx_artifact(tmp_path_factory, tiny_sd1) -> Path:
+    out = tmp_path_factory.mktemp("resources") / "onnx"
+    assert main(["export", str(tiny_sd1), "--out", str(out), "--quiet", "--no-validate"]) == 0
+    return out
+
+
+def _limited(gib: int):
+    """A child process that cannot take the shared test machine down, whatever the code under test does."""
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
+    return limit
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--height", "4096", "--width", "4096", "--steps", "1"], "4096x4096"),
+    (["--steps", "1000000000"], "steps 1000000000"),
+])
+def test_request_beyond_this_machine_refused_before_any_model_runs(tmp_path, onnx_artifact, args, needle):
+    out = tmp_path / "x.png"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "sdexport.cli", "generate", str(onnx_artifact), "--prompt", "a cat",
+                           "-o", str(out), "--quiet", *args], env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=_limited(6))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert_one_line_error(done.returncode, done.stderr, needle)
+    assert time.monotonic() - start < 60 and not out.exists()
+
+
+def test_normal_sizes_pass_the_estimate():
+    from runtime.resources import request_bytes
+
+    # SD 1.5 (latents /8, 4 channels) with guidance: the README's sizes fit a 24 GB machine with room for weights.
+    assert request_bytes(512, 512, 1, True, 50, 8, 4) < 1 << 30
+    assert request_bytes(1024, 1024, 1, True, 50, 8, 4) < 4 << 30
+    assert request_bytes(4096, 4096, 1, True, 1, 8, 4) > 256 << 30
+
+
+def test_threads_bounded_by_the_cpus():
+    from runtime.backends.onnxruntime import session_options
+    from runtime.resources import usable_cpus
+
+    assert session_options(100_000).intra_op_num_threads == usable_cpus()
+    pytest.importorskip("openvino")
+    from runtime.backends.base import SessionOptions
+    from runtime.backends.openvino import compile_config
+
+    config = compile_config(SessionOptions(threads=100_000, cache_dir=""), "CPU", ["CPU"])
+    assert config["INFERENCE_NUM_THREADS"] == usable_cpus()

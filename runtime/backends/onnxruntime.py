@@ -7,7 +7,6 @@ checks and the GPU benchmark all call it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,6 +15,7 @@ import onnxruntime as ort
 
 from runtime.backends.base import BackendError, SessionOptions, check_feeds
 from runtime.manifest import Component
+from runtime.resources import bounded_threads, usable_cpus  # noqa: F401  (usable_cpus re-exported)
 
 # device name -> execution providers to try, best first (CPU is always appended as the fallback).
 DEVICE_PROVIDERS = {
@@ -39,14 +39,6 @@ _OPTIMIZATION = {
 }
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def session_options(threads: int = 0, optimization: str = "all", log_severity: int = 3) -> ort.SessionOptions:
     """``threads`` 0 keeps ONNX Runtime's default; more threads than usable CPUs only oversubscribe.
     ``optimization`` "none" keeps every intermediate tensor observable (for probing a graph)."""
@@ -54,7 +46,7 @@ def session_options(threads: int = 0, optimization: str = "all", log_severity: i
     so.graph_optimization_level = _OPTIMIZATION[optimization]
     so.log_severity_level = log_severity
     if threads:
-        so.intra_op_num_threads = max(1, min(int(threads), usable_cpus()))
+        so.intra_op_num_threads = bounded_threads(threads)
     return so
 
 

@@ -31,6 +31,7 @@ import openvino as ov
 from runtime.backends.base import BackendError, SessionOptions, check_feeds
 from runtime.backends.openvino_winograd import apply_plan, plan_tiles
 from runtime.manifest import Component
+from runtime.resources import bounded_threads
 
 DEVICES = ("cpu", "gpu", "npu", "auto")
 PRECISION_HINTS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
@@ -84,7 +85,7 @@ def compile_config(options: SessionOptions, device: str, available: list[str], c
     def hardware(dev: str) -> dict:
         props = {"INFERENCE_PRECISION_HINT": precision}
         if dev.startswith("CPU") and options.threads:
-            props["INFERENCE_NUM_THREADS"] = int(options.threads)
+            props["INFERENCE_NUM_THREADS"] = bounded_threads(options.threads)  # more only thrash
         return props
 
     config: dict = {"PERFORMANCE_HINT": performance}

@@ -568,7 +568,8 @@ _EXTRAS = {
 
 
 def _extra_for(module: str | None) -> str | None:
-    return _EXTRAS.get((module or "").split(".")[0])
+    """Only a missing top-level package: a missing submodule of an installed one is a bug, not an install."""
+    return _EXTRAS.get(module or "")
 
 
 # Commands that import no third-party library that prints (a runtime-only install has none to quiet).

@@ -338,6 +338,8 @@ class Manifest:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ManifestError(f"{path}: not a manifest (JSON nested too deeply)") from None
         if not isinstance(data, dict):
             raise ManifestError(f"{path}: expected a JSON object")
         try:

@@ -79,6 +79,8 @@ def load(name_or_path: str) -> Profile:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise OptionError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:  # tomllib parses nested arrays recursively
+        raise OptionError(f"{path}: not a profile (TOML nested too deeply)") from None
     return Profile(path.stem, path, validate(data, str(path)))
 
 

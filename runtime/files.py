@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 
 def write_file_atomic(path: str | Path, data: bytes) -> None:
@@ -22,6 +24,109 @@ def write_file_atomic(path: str | Path, data: bytes) -> None:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+class OutputFileError(ValueError):
+    """An output file cannot be written as asked; the message names it and says why."""
+
+
+def check_output(path: str | Path, overwrite: bool, flag: str = "--output") -> Path:
+    """Refuse up front what publishing would refuse, before any time is spent computing the file."""
+    if not str(path):
+        raise OutputFileError(f"{flag} is empty; give a file name")
+    path = Path(path)
+    if _existing_kind(path, flag) is not None and not overwrite:
+        raise OutputFileError(f"{path}: already exists; pass --overwrite to replace it")
+    parent = Path(os.path.abspath(path)).parent
+    if not parent.is_dir():
+        raise OutputFileError(f"{parent}: directory does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputFileError(f"{parent}: directory is not writable")
+    return path
+
+
+def _existing_kind(path: Path, flag: str) -> str | None:
+    """None when nothing is there; "file" for a regular file; anything else is never replaced (a
+    rename over a device node, a FIFO or a symlink would destroy something this program did not make)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise OutputFileError(f"{path}: cannot check the {flag} path ({e.strerror})") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        raise OutputFileError(f"{path}: is a symbolic link; refusing to replace it (remove it or name another file)")
+    if stat.S_ISDIR(mode):
+        raise OutputFileError(f"{path}: is a directory; {flag} needs a file name")
+    raise OutputFileError(f"{path}: exists and is not a regular file; refusing to replace it")
+
+
+def _stage(path: Path, data: bytes) -> str:
+    """``data`` in a temporary file next to ``path`` (same file system, so publishing is a rename)."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=os.path.abspath(path.parent))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; an output is an ordinary file
+        return tmp
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise OutputFileError(f"{path}: cannot write it ({e.strerror or e})") from None
+
+
+def _publish(tmp: str, path: Path, overwrite: bool) -> None:
+    """Rename into place; without ``overwrite``, never over a file that appeared while we worked
+    (another run writing the same name): a hard link fails if the name exists."""
+    if _existing_kind(path, "output") is not None and not overwrite:
+        raise OutputFileError(f"{path}: already exists (written while this run was going); pass --overwrite to replace it")
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputFileError(f"{path}: already exists (written while this run was going); "
+                              "pass --overwrite to replace it") from None
+    except OSError:  # no hard links here (some network and FAT file systems): claim the name exclusively
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            raise OutputFileError(f"{path}: already exists (written while this run was going); "
+                                  "pass --overwrite to replace it") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def write_files(items: Sequence[tuple[str | Path, bytes]], overwrite: bool) -> None:
+    """Every file written, or none: all are staged before any is published, and a failure removes
+    the temporary files and the files this call created (a replaced file cannot come back)."""
+    staged: list[tuple[str, Path]] = []
+    created: list[Path] = []
+    try:
+        for path, data in items:
+            staged.append((_stage(Path(path), data), Path(path)))
+        for tmp, path in staged:
+            try:
+                _publish(tmp, path, overwrite)
+            except OSError as e:
+                raise OutputFileError(f"{path}: cannot write it ({e.strerror or e})") from None
+            created.append(path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        for path in created if not overwrite else ():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         raise
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -22,6 +23,7 @@ __all__ = [
     "nearest_downsample",
     "decode_to_images",
     "save_png",
+    "png_bytes",
 ]
 
 
@@ -33,18 +35,39 @@ def load_image(source: str | Path | Image.Image, what: str = "image") -> Image.I
     if isinstance(source, Image.Image):
         return source
     path = Path(source)
+    if path.is_dir():
+        raise ImageInputError(f"{what} {path}: is a directory, not an image file")
     if not path.is_file():
         raise ImageInputError(f"{what} {path}: no such file")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; the size decides here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_pixels(img, what, path)
+                img.load()
+                return img.copy()
+    except Image.DecompressionBombError as e:
+        raise ImageInputError(f"{what} {path}: too many pixels to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ImageInputError(f"{what} {path}: cannot read it as an image ({e})") from None
 
 
+def _check_pixels(img: Image.Image, what: str, path: Path) -> None:
+    """Refused from the header, before decoding: a few KB of PNG can expand to gigabytes. The limit is
+    the one where Pillow starts warning of a decompression bomb (it refuses only at twice that)."""
+    limit = Image.MAX_IMAGE_PIXELS or 89_478_485
+    if img.width * img.height > limit:
+        raise ImageInputError(f"{what} {path}: {img.width}x{img.height} has too many pixels to decode safely "
+                              f"(at most {limit} pixels)")
+
+
 def default_size(image: Image.Image, height: int | None, width: int | None, multiple: int) -> tuple[int, int]:
     """Missing sizes come from the image, rounded down to a multiple of the VAE factor (diffusers' rule)."""
+    for label, size, given in (("height", image.height, height), ("width", image.width, width)):
+        if given is None and size < multiple:
+            raise ImageInputError(f"input image is {image.width}x{image.height}, smaller than the minimum {label} "
+                                  f"of {multiple} pixels; use a larger image or give --height and --width")
     height = image.height if height is None else height
     width = image.width if width is None else width
     return height - height % multiple, width - width % multiple
@@ -94,9 +117,14 @@ def decode_to_images(sample: np.ndarray) -> list[Image.Image]:
 
 def save_png(image: Image.Image, path: str | Path, metadata: Mapping[str, object] | None = None) -> None:
     """Write a PNG with text chunks (prompt, seed, ...), atomically."""
+    write_file_atomic(path, png_bytes(image, metadata))
+
+
+def png_bytes(image: Image.Image, metadata: Mapping[str, object] | None = None) -> bytes:
+    """The PNG file's bytes, with text chunks (prompt, seed, ...)."""
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_itxt(str(key), "" if value is None else str(value))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
-    write_file_atomic(path, buffer.getvalue())
+    return buffer.getvalue()

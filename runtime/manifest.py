@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -37,6 +38,7 @@ DEVICE_LOOP_MODES = ("auto", "on", "off")
 MANIFEST_NAME = "sdexport.json"
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
+FEEDABLE_DTYPES = tuple(d for d in DTYPES if d != "bfloat16")  # numpy has no bfloat16 to feed or read
 ROLES = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "controlnet")
 
 
@@ -58,6 +60,9 @@ class TensorSpec:
         dtype = data["dtype"]
         if dtype not in DTYPES:
             raise ManifestError(f"tensor {data.get('name')!r}: unknown dtype {dtype!r}")
+        if dtype not in FEEDABLE_DTYPES:
+            raise ManifestError(f"tensor {data.get('name')!r}: dtype {dtype!r} has no numpy type; the runtime "
+                                f"exchanges {', '.join(FEEDABLE_DTYPES)}")
         return cls(str(data["name"]), dtype, tuple(data["shape"]))
 
     def describe(self) -> str:
@@ -178,7 +183,28 @@ class ModelInfo:
             raise ManifestError(f"model section has unknown keys: {', '.join(sorted(unknown))}")
         data = dict(data)
         data["control_residuals"] = tuple(tuple(r) for r in data.get("control_residuals", ()))
-        return cls(**data)
+        info = cls(**data)
+        info.check_values()
+        return info
+
+    _POSITIVE_INTS = ("latent_channels", "unet_in_channels", "vae_scale_factor", "text_hidden_size", "max_length",
+                      "default_height", "default_width")
+
+    def check_values(self) -> None:
+        """Sizes are positive integers and scaling factors finite: a NaN or 0 here gives garbage
+        images with exit 0, a string an internal error far from its cause."""
+        for name in self._POSITIVE_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ManifestError(f"model.{name} {value!r}: expected a positive integer")
+        if self.max_length < 2:
+            raise ManifestError(f"model.max_length {self.max_length}: expected at least 2")
+        scaling = self.vae_scaling_factor
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
+            raise ManifestError(f"model.vae_scaling_factor {scaling!r}: expected a finite number above 0")
+        shift = self.vae_shift_factor
+        if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift)):
+            raise ManifestError(f"model.vae_shift_factor {shift!r}: expected a finite number or null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +244,13 @@ class RunSettings:
         is untrusted; write locations come from the user's flags, environment or Python call)."""
         if not isinstance(backend, dict):
             raise ManifestError(f"runtime.backend_options: expected an object, got {type(backend).__name__}")
+        threads = backend.get("threads")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise ManifestError(f"runtime.backend_options.threads {threads!r}: expected an integer >= 0 (0: the default)")
+        providers = backend.get("providers")
+        if providers is not None and (not isinstance(providers, list) or not all(isinstance(p, str) for p in providers)):
+            # a string would be read letter by letter as provider names
+            raise ManifestError(f"runtime.backend_options.providers {providers!r}: expected a list of provider names")
         return {k: v for k, v in backend.items() if k not in WRITE_LOCATIONS}
 
     @classmethod
@@ -311,7 +344,7 @@ class Manifest:
             run = RunSettings.from_json(data["runtime"]) if version >= 2 else RunSettings.from_v1(exporter, profile)
             return cls(
                 model=ModelInfo.from_json(data["model"]),
-                components={n: Component.from_json(n, c) for n, c in data["components"].items()},
+                components={n: Component.from_json(n, c) for n, c in _mapping(data["components"], "components").items()},
                 tokenizer_dir=data.get("tokenizer", "tokenizer"),
                 scheduler_config=data.get("scheduler_config", "scheduler/scheduler_config.json"),
                 exporter=exporter,
@@ -322,7 +355,7 @@ class Manifest:
             )
         except ManifestError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ManifestError(f"malformed manifest: {type(e).__name__}: {e}") from None
 
     @classmethod
@@ -392,6 +425,12 @@ class Manifest:
             raise ManifestError(f"{path}: sha256 differs from the manifest; the file is damaged or was replaced")
         if cache is not None:
             cache.remember(path, ref.sha256)
+
+
+def _mapping(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ManifestError(f"{what}: expected an object (name -> entry), got {type(value).__name__}")
+    return value
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -375,7 +375,11 @@ class Pipeline:
 
     def prepare_timesteps(self, sched, run: _Run) -> np.ndarray:
         """The run's timesteps; img2img and inpainting start part way, as diffusers' get_timesteps does."""
-        sched.set_timesteps(run.steps)
+        try:
+            sched.set_timesteps(run.steps)
+            sched.check_step_count(run.steps)
+        except ValueError as e:  # a count the schedule cannot give: refused before the loop, not after it
+            raise PipelineInputError(f"{type(sched).__name__}: {e}") from None
         timesteps = np.asarray(sched.timesteps)
         if run.init_image is None:
             return timesteps

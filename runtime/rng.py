@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["NumpyRNG", "TorchCompatRNG", "make_rng", "RNG_KINDS"]
+__all__ = ["NumpyRNG", "TorchCompatRNG", "make_rng", "check_seed", "RNG_KINDS"]
 
 RNG_KINDS = ("numpy", "torch")
 
@@ -167,8 +167,21 @@ class TorchCompatRNG:
         return np.array([self._normal_double() for _ in range(n)], dtype=_F32).reshape(shape)
 
 
+def check_seed(seed: int, kind: str = "numpy") -> int:
+    """Seeds are integers from 0; torch's generator takes 64 bits and would wrap a larger one silently
+    (2**64 giving seed 0's image), so that is refused rather than reproduced."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed {seed!r}: expected an integer")
+    if seed < 0:
+        raise ValueError(f"seed {seed}: must be 0 or more")
+    if kind == "torch" and seed >= 2**64:
+        raise ValueError(f"seed {seed}: --rng torch takes seeds below 2**64")
+    return int(seed)
+
+
 def make_rng(seed: int, kind: str = "numpy"):
     """A seeded noise source: ``kind`` is "numpy" (default) or "torch" (torch.randn-compatible)."""
+    seed = check_seed(seed, kind)
     if kind == "numpy":
         return NumpyRNG(seed)
     if kind == "torch":

@@ -41,7 +41,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [
         UsageError, BackendError, ImageInputError, ManifestError, PipelineInputError, SchedulerConfigError,
-        TokenizerError,
+        TokenizerError, PermissionError,  # a folder the user cannot write: their setup, not our bug
     ]
     try:
         from sdexport.errors import SdexportError
@@ -224,16 +224,21 @@ def parse_control(spec: str):
 
 def cmd_generate(args) -> int:
     from runtime import image as imgproc
+    from runtime.files import OutputFileError, check_output, write_files
     from runtime.pipeline import Pipeline
 
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise UsageError(f"{output}: already exists; pass --overwrite to replace it")
-    if not output.resolve().parent.is_dir():
-        raise UsageError(f"{output.resolve().parent}: directory does not exist")
+    try:
+        output = check_output(args.output, args.overwrite, "--output")
+        latents_out = check_output(args.latents_out, args.overwrite, "--latents-out") if args.latents_out is not None else None
+    except OutputFileError as e:
+        raise UsageError(str(e)) from None
+    if latents_out is not None and os.path.abspath(latents_out) == os.path.abspath(output):
+        raise UsageError("--latents-out names the same file as --output")
+    _check_generate_values(args)
     controls = _controls(args)
     options = {k: getattr(args, k) for k in ("device", "threads", "compute_units", "winograd") if getattr(args, k)}
     pipe = Pipeline.from_dir(args.dir, options=options or None, cfg=args.cfg)
+    _warn_truncated(pipe.tokenizer, {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt or ""})
     result = pipe.generate(
         args.prompt,
         args.negative_prompt,
@@ -250,17 +255,57 @@ def cmd_generate(args) -> int:
         controls=controls,
         guess_mode=args.guess_mode,
         progress=not args.quiet,
-        return_latents=bool(args.latents_out),
+        return_latents=latents_out is not None,
     )
-    imgproc.save_png(result.image, output, png_metadata(result.settings))
-    if args.latents_out:
+    files = [(output, imgproc.png_bytes(result.image, png_metadata(result.settings)))]
+    if latents_out is not None:
+        import io
+
         import numpy as np
 
-        np.save(args.latents_out, result.latents)
+        buffer = io.BytesIO()  # np.save on a name appends ".npy"; a file object keeps the name given
+        np.save(buffer, result.latents)
+        files.append((latents_out, buffer.getvalue()))
+    try:
+        write_files(files, overwrite=args.overwrite)
+    except OutputFileError as e:
+        raise UsageError(str(e)) from None
     if not args.quiet:
         total = result.timings["total"]
         print(f"wrote {output} ({result.image.width}x{result.image.height}) in {total:.2f} s", file=sys.stderr)
     return 0
+
+
+def _check_generate_values(args) -> None:
+    """What argparse lets through and would otherwise surface as an internal error or garbage."""
+    import math
+
+    from runtime.rng import check_seed
+
+    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{flag}: not valid UTF-8 text (undecodable bytes in the argument)") from None
+    try:
+        check_seed(args.seed, args.rng)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be at least 1")
+    for flag, value in (("--control-start", args.control_start), ("--control-end", args.control_end)):
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise UsageError(f"{flag} {value}: expected a fraction within [0, 1]")
+
+
+def _warn_truncated(tokenizer, prompts: dict[str, str]) -> None:
+    """The text encoder sees one window of tokens; say how many were cut rather than drop them silently."""
+    window = tokenizer.max_length - 2
+    for flag, prompt in prompts.items():
+        dropped = len(tokenizer.encode(prompt)) - window
+        if dropped > 0:
+            print(f"sdexport: warning: {flag} is longer than the text encoder's {window} tokens; "
+                  f"its last {dropped} tokens are ignored", file=sys.stderr)
 
 
 def _controls(args) -> list:

@@ -54,6 +54,8 @@ def validate(data: dict, source: str) -> dict:
     for key, value in data.items():
         if isinstance(value, dict) and key not in tables:
             raise OptionError(f"{source}: unknown table [{key}] (known: {', '.join(tables)})")
+        if key in tables and not isinstance(value, dict):
+            raise OptionError(f"{source}: {key} must be a table ([{key}] with its fields), got {value!r}")
     options.Head.from_table(head, source)
     for key in tables:
         if isinstance(data.get(key), dict):
@@ -111,8 +113,8 @@ def resolve(profile: str | None, *, target=None, precision=None, height=None, wi
     for name in ("backend", "coreml", "tensorrt", "onnx", "openvino", "quantize", "validation"):
         typed[name] = options.SECTIONS[name].from_table({**p.data.get(name, {}), **sections.get(name, {})})
     resolved = ExportOptions(
-        target=target or p.data.get("target", "onnx"),
-        precision=precision or p.data.get("precision", "fp32"),
+        target=target if target is not None else p.data.get("target", "onnx"),  # "" is an unknown target, not the default
+        precision=precision if precision is not None else p.data.get("precision", "fp32"),
         height=height,
         width=width,
         batch=batch,

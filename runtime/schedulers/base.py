@@ -93,6 +93,22 @@ class Scheduler:
         """Choose the run's ``timesteps`` (and ``sigmas``) and reset the per-run state."""
         raise NotImplementedError
 
+    def check_step_count(self, num_inference_steps: int) -> None:
+        """ValueError (before any model runs) for a step count this schedule cannot give: after
+        ``set_timesteps``, every timestep must index the training schedule."""
+        limit = self._max_steps()
+        if limit is not None and num_inference_steps > limit:
+            raise ValueError(f"{num_inference_steps} steps: {type(self).__name__} gives at most {limit} steps with "
+                             f"this model's {self.config.num_train_timesteps} training timesteps")
+        train = self.config.num_train_timesteps
+        timesteps = np.asarray(self.timesteps)
+        if timesteps.size and (timesteps.max() >= train or timesteps.min() < 0):
+            raise ValueError(f"{num_inference_steps} steps: the schedule would need timestep {int(timesteps.max())}, "
+                             f"beyond this model's {train} training timesteps (0..{train - 1}); use fewer steps")
+
+    def _max_steps(self) -> int | None:
+        return None
+
     def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, *, rng=None) -> np.ndarray:
         """The sample at the next timestep, given the network's output at ``timestep``. ``rng``
         (``runtime.rng.make_rng``) is required by the schedulers that draw noise (``stochastic``).

@@ -93,6 +93,8 @@ def integer(minimum: int | None = None) -> Parser:
 def number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Invalid(f"expected a number, got {value!r}")
+    if not math.isfinite(value):  # a NaN beta gives a NaN schedule and a garbage image with exit 0
+        raise _Invalid(f"expected a finite number, got {value!r}")
     return float(value)
 
 

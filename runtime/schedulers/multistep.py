@@ -78,6 +78,11 @@ class _MultistepConfig(BaseConfig):
 class _MultistepScheduler(VPSigmaScheduler):
     _zero_snr_floor = True
 
+    def _max_steps(self) -> int | None:
+        # From one step per training timestep on, two sigmas coincide (a zero log-SNR step: NaN, as in
+        # diffusers), and beyond twice that the solver indexes past its table (diffusers' IndexError).
+        return self.config.num_train_timesteps - 1
+
     def _scaled_sigmas(self, sigmas_descending: np.ndarray, n: int):
         """Karras or exponential sigmas between the training end points (or config limits)."""
         c = self.config

@@ -280,6 +280,7 @@ def _module(key: _GroupKey, group: dict, config: Mapping[str, dict], path: Path)
                           "form a low-rank pair")
     fields = config.get(component or "", config.get("", {}))
     rank = int(down.shape[0])
+    _check_values(path, name, group, rank)
     if "alpha" in group:
         alpha = float(group["alpha"].float().item())
     elif fields:
@@ -290,6 +291,19 @@ def _module(key: _GroupKey, group: dict, config: Mapping[str, dict], path: Path)
     return LoraModule(component or "", name, flat, down, up, alpha,
                       rslora=bool(fields.get("use_rslora", False)) if fields else False,
                       bias=group.get("bias"), key=group.get("key", name))
+
+
+def _check_values(path: Path, name: str, group: dict, rank: int) -> None:
+    """A rank of 0 divides by zero and a NaN spreads through every weight it touches: refused here,
+    where a dry run also sees them, rather than as an internal error deep in the export."""
+    if rank < 1:
+        raise SourceError(f"{path}: module {name} has rank 0 (its down matrix has no rows)")
+    if "alpha" in group and group["alpha"].numel() != 1:
+        raise SourceError(f"{path}: module {name}: alpha has {group['alpha'].numel()} elements, expected one number")
+    for part in ("down", "up", "alpha", "bias"):
+        tensor = group.get(part)
+        if tensor is not None and not bool(torch.isfinite(tensor.float()).all()):
+            raise SourceError(f"{path}: module {name}: its {part} tensor holds NaN or infinite values")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -376,3 +376,20 @@ def test_long_prompt_warns_how_many_tokens_were_dropped(capsys, artifact, tmp_pa
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("sdexport: warning: ") and "5 tokens" in lines[0], err
     assert out.exists()
+
+
+def test_onnx_runtime_out_of_memory_is_one_line(artifact):
+    """A U-Net call whose attention needs 128 GiB: ONNX Runtime's allocation failure becomes a BackendError
+    naming the component (the size checks before a run are estimates; this is the last line of defence)."""
+    from runtime.backends import SessionOptions, open_session
+    from runtime.backends.base import BackendError
+    from runtime.manifest import Manifest
+
+    manifest = Manifest.load(artifact)
+    unet = manifest.component("unet")
+    session = open_session(unet, manifest.root, SessionOptions())
+    hidden = unet.input("encoder_hidden_states").shape[-1]
+    feeds = {"sample": np.zeros((1, 4, 256, 256), np.float32), "timestep": np.ones(1, np.float32),
+             "encoder_hidden_states": np.zeros((1, 77, hidden), np.float32)}
+    with pytest.raises(BackendError, match="unet: out of memory"):
+        session.run(feeds)

@@ -144,6 +144,16 @@ class OnnxRuntimeSession:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = check_feeds(self.component, feeds)
+        try:
+            return self._run(feeds)
+        except Exception as e:  # ORT's own exception types; only an allocation failure is the request's fault
+            if not _out_of_memory(e):
+                raise
+            shape = "x".join(str(d) for d in np.shape(next(iter(feeds.values()))))
+            raise BackendError(f"{self.component.name}: out of memory running this request (first input {shape}): "
+                               "ask for a smaller size or batch") from None
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._device is None:
             outputs = self._session.run(self._output_names, feeds)
             return dict(zip(self._output_names, outputs))
@@ -156,6 +166,14 @@ class OnnxRuntimeSession:
             binding.bind_output(name, self._device)
         self._session.run_with_iobinding(binding)
         return dict(zip(self._output_names, binding.copy_outputs_to_cpu()))
+
+
+_OOM_MESSAGES = ("failed to allocate memory", "bad_alloc", "bad allocation", "out of memory")
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(m in text for m in _OOM_MESSAGES)
 
 
 def open_session(component: Component, root: Path, options: SessionOptions) -> OnnxRuntimeSession:

@@ -358,7 +358,7 @@ def test_profile_table_given_as_a_number(capsys, tmp_path, tiny_sd1):
     profile = tmp_path / "p.toml"
     profile.write_text('target = "onnx"\nprecision = "fp32"\nshapes = 5\n')
     code, err = run_cli(capsys, "export", tiny_sd1, "--profile", profile, "--out", tmp_path / "o", "--dry-run")
-    assert_one_line_error(code, err, "shapes", "table")
+    assert_one_line_error(code, err, "shapes must be a table")
     assert code == 2
 
 

@@ -162,3 +162,37 @@ def test_the_artifact_does_not_choose_where_files_are_written(ov_artifact, tmp_p
     copy = _tampered(ov_artifact, tmp_path / "copy", edit)
     _generate(copy, tmp_path / "o.png")
     assert not evil.exists()
+
+
+def test_ctrl_c_stops_an_openvino_inference_in_progress(ov_artifact, tmp_path):
+    """SIGINT during one long U-Net call ends the process within a second, not after the call."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "big.png"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdexport.cli", "generate", str(ov_artifact), "--prompt", "x", "--steps", "1",
+         "--height", "1536", "--width", "1536", "--output", str(out)],
+        stderr=subprocess.PIPE, text=True, env=env)
+    seen = ""
+    while "denoise" not in seen:  # the progress bar appears as the first U-Net call starts
+        chunk = proc.stderr.read(1)
+        assert chunk, f"generate ended before denoising: {seen}"
+        seen += chunk
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    try:
+        rest = proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("generate still ran 30 s after Ctrl-C")
+    waited = time.monotonic() - sent
+    assert proc.returncode == 130, seen + rest
+    assert waited < 5.0, f"took {waited:.1f} s to stop after Ctrl-C"
+    assert not out.exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -195,16 +196,31 @@ class OpenVinoSession:
 
 
     def _infer(self, feeds):
-        """An asynchronous request waited on in short slices: a blocking ``infer`` holds the GIL's
-        signal handling back until it returns (minutes at 2048x2048), so Ctrl-C would not stop it."""
-        self._request.start_async(feeds, share_inputs=True)
+        """Inference on a worker thread while this one waits in short slices: OpenVINO's blocking
+        calls (``infer``, even ``wait_for`` while a new shape is prepared) hold back Python's signal
+        handling for minutes at 2048x2048, so Ctrl-C would not stop a generation."""
+        done = threading.Event()
+        outcome: list = []
+
+        def work():
+            try:
+                self._request.infer(feeds, share_inputs=True)
+                outcome.append({port: self._request.get_tensor(port).data.copy() for _, port in self._outputs})
+            except BaseException as e:  # handed to the waiting thread
+                outcome.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name=f"openvino-{self.component.name}", daemon=True).start()
         try:
-            while not self._request.wait_for(100):
+            while not done.wait(0.1):
                 pass
         except KeyboardInterrupt:
-            self._request.cancel()
+            threading.Thread(target=self._request.cancel, daemon=True).start()
             raise
-        return {port: self._request.get_tensor(port).data.copy() for _, port in self._outputs}
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
 
 
 def open_session(component: Component, root: Path, options: SessionOptions) -> OpenVinoSession:

@@ -63,7 +63,10 @@ class TensorSpec:
         if dtype not in FEEDABLE_DTYPES:
             raise ManifestError(f"tensor {data.get('name')!r}: dtype {dtype!r} has no numpy type; the runtime "
                                 f"exchanges {', '.join(FEEDABLE_DTYPES)}")
-        return cls(str(data["name"]), dtype, tuple(data["shape"]))
+        shape = data["shape"]
+        if not isinstance(shape, list) or not all(isinstance(d, str) or (type(d) is int and d >= 0) for d in shape):
+            raise ManifestError(f"tensor {data.get('name')!r}: shape {str(shape)[:80]} is not a list of sizes and axis names")
+        return cls(str(data["name"]), dtype, tuple(shape))
 
     def describe(self) -> str:
         return f"{self.name}: {self.dtype}[{', '.join(str(d) for d in self.shape)}]"
@@ -133,13 +136,16 @@ class Component:
         files = tuple(FileRef.from_json(f) for f in data["files"])
         if not files:
             raise ManifestError(f"component {name!r} lists no files")
+        inputs = tuple(TensorSpec.from_json(t) for t in data["inputs"])
+        if role in ("unet", "controlnet") and (not inputs or len(inputs[0].shape) != 4):
+            raise ManifestError(f"component {name!r}: its first input is not a 4-d sample (batch, channels, height, width)")
         return cls(
             name=name,
             role=role,
             backend=str(data["backend"]),
             files=files,
             precision=str(data["precision"]),
-            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            inputs=inputs,
             outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
             parity=dict(data.get("parity") or {}),
             details=dict(data.get("details") or {}),
@@ -205,6 +211,20 @@ class ModelInfo:
         shift = self.vae_shift_factor
         if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift)):
             raise ManifestError(f"model.vae_shift_factor {shift!r}: expected a finite number or null")
+        self._check_recommended()
+
+    def _check_recommended(self) -> None:
+        """The defaults a generate without --steps/--guidance-scale/--scheduler takes from the export."""
+        rec = {} if self.recommended is None else self.recommended
+        if not isinstance(rec, dict):
+            raise ManifestError(f"model.recommended {str(rec)[:40]}: expected a table of defaults")
+        steps, scale, scheduler = rec.get("steps", 1), rec.get("guidance_scale", 1.0), rec.get("scheduler", "")
+        if type(steps) is not int or steps < 1:
+            raise ManifestError(f"model.recommended.steps {str(steps)[:40]}: expected a positive integer")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ManifestError(f"model.recommended.guidance_scale {str(scale)[:40]}: expected a finite number")
+        if scheduler is not None and not isinstance(scheduler, str):  # None: the scheduler config's class
+            raise ManifestError(f"model.recommended.scheduler {str(scheduler)[:40]}: expected a scheduler name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +393,8 @@ class Manifest:
             raise ManifestError(f"{path}: not valid JSON ({e})") from None
         except RecursionError:
             raise ManifestError(f"{path}: not a manifest (JSON nested too deeply)") from None
+        if _depth(data) > MAX_DEPTH:  # printing or copying it would recurse as deep
+            raise ManifestError(f"{path}: not a manifest (JSON nested more than {MAX_DEPTH} levels deep)")
         if not isinstance(data, dict):
             raise ManifestError(f"{path}: expected a JSON object")
         try:
@@ -431,6 +453,20 @@ def _mapping(value: Any, what: str) -> dict:
     if not isinstance(value, dict):
         raise ManifestError(f"{what}: expected an object (name -> entry), got {type(value).__name__}")
     return value
+
+
+MAX_DEPTH = 32  # a real manifest is about 6 levels deep
+
+
+def _depth(data) -> int:
+    """How deeply JSON containers nest (iteratively: the point is to refuse what recursion cannot handle)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -138,6 +138,7 @@ class OnnxRuntimeSession:
         except Exception as e:  # ORT raises its own exception types for bad files
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BackendError(f"{path}: ONNX Runtime cannot load this model ({first_line[:300]})") from None
+        _check_input_types(component, self._session, path)
         self._output_names = [o.name for o in self._session.get_outputs()]
         active = self._session.get_providers()[0]
         self._device = _DEVICE_MEMORY.get(active)
@@ -166,6 +167,20 @@ class OnnxRuntimeSession:
             binding.bind_output(name, self._device)
         self._session.run_with_iobinding(binding)
         return dict(zip(self._output_names, binding.copy_outputs_to_cpu()))
+
+
+_ORT_TYPES = {"float": "float32", "double": "float64"}  # tensor(X) names that differ from numpy's
+
+
+def _check_input_types(component: Component, session, path: Path) -> None:
+    """The manifest's input dtypes against the model's: a mismatch would fail inside the first run."""
+    declared = {t.name: t.dtype for t in component.inputs}
+    for arg in session.get_inputs():
+        kind = arg.type[len("tensor("):-1] if arg.type.startswith("tensor(") else arg.type
+        want = declared.get(arg.name)
+        if want is not None and want != _ORT_TYPES.get(kind, kind):
+            raise BackendError(f"{path}: input {arg.name!r} is {_ORT_TYPES.get(kind, kind)} in the model but {want} "
+                               f"in the manifest of {component.name}; the artifact is inconsistent")
 
 
 _OOM_MESSAGES = ("failed to allocate memory", "bad_alloc", "bad allocation", "out of memory")

@@ -307,6 +307,8 @@ class Pipeline:
         loop, loop_reason = self.choose_loop(sched, timesteps, control_state, run.mask_image)
         latents = self.denoise(loop, run, sched, timesteps, state, embeddings, control_state, noise_rng,
                                callback=callback, progress=progress)
+        if loop is not None:  # the CUDA graph's fate (on, or off and why) belongs with the loop's reason
+            loop_reason = f"{loop_reason}; CUDA graph {loop.cuda_graph_status}"
         check_finite("unet", latents, self.manifest.component("unet").precision)
         images = self.decode(latents)
         self.timings["total"] = time.perf_counter() - t_start

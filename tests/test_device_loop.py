@@ -388,6 +388,7 @@ def test_pipeline_delegates_to_the_device_loop(artifact, scheduler, extra):
     ref = numpy_pipe.generate(PROMPT, NEGATIVE, **kwargs)
     got = device_pipe.generate(PROMPT, NEGATIVE, **kwargs)
     assert ref.settings["loop"] == "numpy" and got.settings["loop"] == "device"
+    assert "CUDA graph off" in got.loop_reason  # the CPU provider has none: said, not silent
     _assert_close(got.latents, ref.latents)
     assert got.calls["unet"] == ref.calls["unet"]
 

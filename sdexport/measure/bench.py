@@ -268,6 +268,8 @@ def _one_run(pipe, ref, prompt: str, seed: int, config: BenchConfig, height: int
         "runtime_seconds": ours_total, "pytorch_seconds": ref_total,
         "runtime_step_ms": _median_step_ms(ours_times), "pytorch_step_ms": _median_step_ms(ref_times),
         "runtime_overhead_share": result.overhead_seconds / result.timings["total"],
+        "loop": result.settings.get("loop"),
+        "loop_reason": result.loop_reason,  # device or numpy loop, and whether a CUDA graph ran (and why not)
         "latent_max_abs_err": max_abs_error(ref_steps[-1], result.latents),
         "image_psnr_db": finite(psnr(a, b, peak=255.0)),
         "image_ssim": ssim(a, b),
@@ -330,6 +332,9 @@ def markdown(r: dict) -> str:
         p = run["image_psnr_db"]
         lines.append(f"| {run['prompt'][:40]} | {run['seed']} | {'identical' if p is None else f'{p:.1f}'} | "
                      f"{run['image_ssim']:.4f} | {run['latent_max_abs_err']:.2e} | {100 * run['runtime_overhead_share']:.2f}% |")
+    reasons = sorted({f"{run.get('loop')} loop: {run['loop_reason']}" for run in r["runs"] if run.get("loop_reason")})
+    if reasons:
+        lines += ["", "Denoising loop: " + "; ".join(reasons)]
     parity = r.get("precision_parity")
     if parity and "median_db" in parity:
         lines += ["", "Reduced precision, image PSNR (median dB): " + "; ".join(

@@ -159,3 +159,22 @@ def test_step_before_set_timesteps_as_diffusers(class_name, variant):
         return
     theirs = getattr(diffusers, class_name).from_config(config)
     assert _step_untimed(ours, theirs, 4) <= TOL
+
+
+def test_diffusers_default_infinite_bound_is_read():
+    """diffusers writes DPM-Solver's lambda_min_clipped as -Infinity; the demo's export has one."""
+    import json
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    from runtime.schedulers import SchedulerConfigError, scheduler_from_config
+
+    config = json.loads(DPMSolverMultistepScheduler().to_json_string())
+    assert config["lambda_min_clipped"] == -float("inf")
+    ours = scheduler_from_config(config)
+    ours.set_timesteps(5)
+    ref = DPMSolverMultistepScheduler.from_config(config)
+    ref.set_timesteps(5)
+    assert list(ours.timesteps) == ref.timesteps.tolist()
+    with pytest.raises(SchedulerConfigError, match="lambda_min_clipped"):
+        scheduler_from_config({**config, "lambda_min_clipped": float("nan")})

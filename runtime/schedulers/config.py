@@ -98,6 +98,13 @@ def number(value: Any) -> float:
     return float(value)
 
 
+def bound(value: Any) -> float:
+    """A clipping bound: any number but NaN (diffusers writes lambda_min_clipped = -Infinity)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise _Invalid(f"expected a number or an infinity, got {value!r}")
+    return float(value)
+
+
 def optional_number(value: Any) -> float | None:
     return None if value is None else number(value)
 

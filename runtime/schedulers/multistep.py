@@ -13,6 +13,7 @@ from .config import (
     BaseConfig,
     SchedulerConfigError,
     boolean,
+    bound,
     choice,
     integer,
     integers,
@@ -134,7 +135,7 @@ class DPMSolverMultistepConfig(_MultistepConfig):
     )
     euler_at_final: bool = option(False, boolean)
     use_lu_lambdas: bool = option(False, boolean)
-    lambda_min_clipped: float = option(-float("inf"), number)
+    lambda_min_clipped: float = option(-float("inf"), bound)
     variance_type: str | None = option(None, unsupported(None, "learned variances are not supported"))
 
     def __post_init__(self) -> None:

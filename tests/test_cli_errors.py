@@ -152,6 +152,15 @@ def test_corrupted_onnx_same_size(capsys, artifact, tmp_path):
     data[: len(data) // 2] = bytes(len(data) // 2)  # zero the first half, keep the size
     model.write_bytes(bytes(data))
     code, err = run_cli(capsys, "generate", copy, "--prompt", "x", "--steps", "1", "--output", tmp_path / "o.png")
+    assert_one_line_error(code, err, "unet/model.onnx", "sha256 differs")  # caught before any parser sees it
+    assert not (tmp_path / "o.png").exists()
+    # With the manifest's hash made to match, ONNX Runtime's own refusal is still one line.
+    from runtime.manifest import sha256_file
+
+    manifest = json.loads((copy / "sdexport.json").read_text())
+    manifest["components"]["unet"]["files"][0]["sha256"] = sha256_file(model)
+    (copy / "sdexport.json").write_text(json.dumps(manifest))
+    code, err = run_cli(capsys, "generate", copy, "--prompt", "x", "--steps", "1", "--output", tmp_path / "o.png")
     assert_one_line_error(code, err, "unet/model.onnx", "ONNX Runtime cannot load this model")
     assert not (tmp_path / "o.png").exists()
 

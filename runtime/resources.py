@@ -45,9 +45,10 @@ def available_memory() -> int | None:
     """Bytes this process can still allocate: MemAvailable, narrowed by an address-space limit; None if unknown."""
     limits = []
     try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith("MemAvailable:"):
-                limits.append(int(line.split()[1]) * 1024)
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         try:
             limits.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -308,7 +309,12 @@ def test_unreadable_ir(capsys, export, tiny_sd1, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(export(tiny_sd1), copy)
     xml = copy / "vae_decoder" / "model.xml"
-    xml.write_bytes(b"\0" * xml.stat().st_size)  # same size: only the reader notices
+    xml.write_bytes(b"\0" * xml.stat().st_size)  # same size, and the manifest's hash made to match:
+    manifest = json.loads((copy / "sdexport.json").read_text())  # only the reader notices
+    for ref in manifest["components"]["vae_decoder"]["files"]:
+        if ref["path"].endswith(".xml"):
+            ref["sha256"] = hashlib.sha256(xml.read_bytes()).hexdigest()
+    (copy / "sdexport.json").write_text(json.dumps(manifest))
     code, err = run_cli(capsys, "generate", copy, "--prompt", "x", "--steps", "1", "--output", tmp_path / "o.png")
     assert_one_line_error(code, err, "vae_decoder/model.xml", "OpenVINO cannot read this model")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import json
 import sys
 import types
@@ -352,7 +353,8 @@ def test_runtime_without_tensorrt_is_one_line(tmp_path, capsys, artifact):
     data = json.loads((out / "sdexport.json").read_text())
     unet = data["components"]["unet"]
     (out / "unet" / "model.plan").write_bytes(b"not really an engine")
-    unet.update(backend="tensorrt", files=[{"path": "unet/model.plan", "sha256": "", "bytes": 20}])
+    plan_hash = hashlib.sha256(b"not really an engine").hexdigest()
+    unet.update(backend="tensorrt", files=[{"path": "unet/model.plan", "sha256": plan_hash, "bytes": 20}])
     unet["details"] = {"tensorrt": BUILT, "profiles": {k: {"min": [1, 4, 8, 8] if k == "sample" else v["min"],
                                                            "opt": v["opt"], "max": v["max"]} for k, v in PROFILES.items()}}
     (out / "sdexport.json").write_text(json.dumps(data))

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdexport.options import ATTENTION_MODES
+
 __all__ = [
     "IMPLEMENTATIONS",
     "UnsupportedAttention",
@@ -45,7 +47,7 @@ __all__ = [
     "SplitEinsumCLIPEncoder",
 ]
 
-IMPLEMENTATIONS = ("original", "split-einsum")
+IMPLEMENTATIONS = ATTENTION_MODES  # declared once, with the other Core ML settings
 
 # Additive mask value for causal attention: large enough that exp() underflows to exactly 0 in fp32
 # and fp16, small enough to stay finite in fp16 (Apple's converter uses the same value).

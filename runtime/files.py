@@ -167,6 +167,7 @@ class HashCache:
     def __init__(self, path: Path | None = None):
         self.path = path if path is not None else user_cache_dir() / "verified-sha256.json"
         self._entries: dict[str, list] | None = None
+        self._dirty = False
 
     def _load(self) -> dict[str, list]:
         if self._entries is None:
@@ -189,11 +190,18 @@ class HashCache:
         return self._load().get(key) == [*stamp, sha256]
 
     def remember(self, path: Path, sha256: str) -> None:
+        """Noted in memory; :meth:`save` writes all of them at once."""
+        key, stamp = self._key(path)
+        self._load()[key] = [*stamp, sha256]
+        self._dirty = True
+
+    def save(self) -> None:
         import json
 
-        key, stamp = self._key(path)
+        if not self._dirty:
+            return
         entries = self._load()
-        entries[key] = [*stamp, sha256]
+        self._dirty = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_file_atomic(self.path, json.dumps(entries).encode())

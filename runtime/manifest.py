@@ -429,10 +429,14 @@ class Manifest:
         skips files this user already verified unchanged (same size, mtime and inode); False checks sizes.
         """
         cache = HashCache() if verify_hashes == "cached" else None
-        for name in components or self.components:
-            for ref in self.components[name].files:
-                path = self.path(ref.path, f"component {name!r} file")
-                self._check_file(name, ref, path, verify_hashes, cache)
+        try:
+            for name in components or self.components:
+                for ref in self.components[name].files:
+                    path = self.path(ref.path, f"component {name!r} file")
+                    self._check_file(name, ref, path, verify_hashes, cache)
+        finally:
+            if cache is not None:
+                cache.save()  # one write for all files verified now, not one per file
 
     @staticmethod
     def _check_file(name: str, ref: FileRef, path: Path, verify_hashes, cache) -> None:

@@ -1,0 +1,237 @@
+"""The SDXL family (base, refiner, Turbo): its model description and exportable components.
+
+SDXL conditions its U-Net on two text encoders and on "added" conditioning:
+
+- ``text_encoder`` (CLIP ViT-L) and ``text_encoder_2`` (OpenCLIP bigG with a projection) both give
+  their penultimate hidden states (``hidden_states[-2]``, diffusers' ``encode_prompt`` with
+  ``clip_skip=None``), concatenated along the width; a refiner has only ``text_encoder_2``;
+- ``text_embeds``: text_encoder_2's pooled, projected output;
+- ``time_ids``: original size, crop top-left and target size (the refiner: an aesthetic score in
+  place of the target size), which the U-Net embeds with ``addition_time_embed_dim`` each.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from runtime.manifest import ModelInfo, TensorSpec
+from sdexport.errors import OptionError, SourceError
+from sdexport.export.components import ComponentSpec, Shape, _f32, _spatial, residual_layout, vae_decoder_spec, \
+    vae_encoder_spec
+
+
+def is_sdxl(unet_config: dict) -> bool:
+    return unet_config.get("addition_embed_type") == "text_time"
+
+
+# --- torch wrappers ----------------------------------------------------------------------------
+
+
+class PenultimateTextEncoder(torch.nn.Module):
+    """CLIP ViT-L as SDXL uses it: the hidden states before the last layer (no final layer norm)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids, output_hidden_states=True, return_dict=True).hidden_states[-2]
+
+
+class ProjectedTextEncoder(torch.nn.Module):
+    """OpenCLIP bigG with projection: penultimate hidden states and the pooled, projected text_embeds."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids, output_hidden_states=True, return_dict=True)
+        return out.hidden_states[-2], out.text_embeds
+
+
+class SdxlUNet(torch.nn.Module):
+    """The U-Net with its added conditioning as two more positional inputs."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
+
+# --- the model description ---------------------------------------------------------------------
+
+
+def pipeline_flags(source) -> dict:
+    """``requires_aesthetics_score`` and ``force_zeros_for_empty_prompt`` from model_index.json, with
+    the defaults diffusers' SDXL pipelines register (False, True) where the index does not say."""
+    index_path = Path(source.path) / "model_index.json"
+    index = {}
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SourceError(f"{index_path}: not valid JSON ({e})") from None
+    return {"requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
+
+
+def sdxl_model_info(source) -> ModelInfo:
+    unet, vae, sched = source.unet_config, source.vae_config, source.scheduler_config
+    text_2 = getattr(source, "text_encoder_2_config", None)
+    if text_2 is None:
+        raise SourceError(f"{source.path}: an SDXL U-Net (addition_embed_type text_time) needs text_encoder_2 "
+                          f"and tokenizer_2; this model has none")
+    projection = int(text_2.get("projection_dim", text_2["hidden_size"]))
+    time_dim = int(unet["addition_time_embed_dim"])
+    flags = pipeline_flags(source)
+    n_ids = (int(unet["projection_class_embeddings_input_dim"]) - projection) // time_dim
+    if n_ids not in (5, 6):
+        raise SourceError(f"{source.path}: the U-Net's projection_class_embeddings_input_dim does not fit "
+                          f"text_encoder_2's projection_dim {projection} plus 5 or 6 time ids of {time_dim}")
+    flags["requires_aesthetics_score"] = n_ids == 5  # what the U-Net was trained with decides
+    cross = int(unet["cross_attention_dim"])
+    hidden_1 = int(source.text_encoder_config["hidden_size"]) if getattr(source, "has_text_encoder", True) else 0
+    if hidden_1 + int(text_2["hidden_size"]) != cross:
+        raise SourceError(f"{source.path}: the text encoders' widths ({hidden_1} + {text_2['hidden_size']}) do not "
+                          f"add up to the U-Net's cross_attention_dim {cross}")
+    vae_scale = 2 ** (len(vae.get("block_out_channels", [1, 1, 1, 1])) - 1)
+    size = int(unet.get("sample_size", 128)) * vae_scale
+    shift = vae.get("shift_factor")
+    return ModelInfo(
+        family="sdxl-refiner" if flags["requires_aesthetics_score"] else "sdxl",
+        prediction_type=sched.get("prediction_type", "epsilon"),
+        latent_channels=int(vae.get("latent_channels", 4)),
+        unet_in_channels=int(unet.get("in_channels", 4)),
+        vae_scale_factor=vae_scale,
+        vae_scaling_factor=float(vae.get("scaling_factor", 0.13025)),
+        vae_shift_factor=float(shift) if shift is not None else None,
+        text_hidden_size=cross,
+        max_length=int(text_2.get("max_position_embeddings", 77)),
+        default_height=size,
+        default_width=size,
+        time_cond_proj_dim=unet.get("time_cond_proj_dim"),
+        control_residuals=residual_layout(unet),
+        text_encoder_2_hidden_size=int(text_2["hidden_size"]),
+        projection_dim=projection,
+        addition_time_embed_dim=time_dim,
+        vae_force_upcast=bool(vae.get("force_upcast", True)),
+        **flags,
+    )
+
+
+# --- component specs ---------------------------------------------------------------------------
+
+
+def _token_example(vocab: int, seq: int):
+    def example(shape: Shape, gen: torch.Generator):
+        ids = torch.randint(1, vocab - 2, (shape.batch, seq), generator=gen)
+        ids[:, 0] = vocab - 2  # BOS
+        ends = torch.randint(1, seq, (shape.batch,), generator=gen)
+        for row, end in enumerate(ends.tolist()):
+            ids[row, end] = vocab - 1  # EOS, then "!" (id 0) padding as tokenizer_2 writes
+            ids[row, end + 1:] = 0
+        return (ids,)
+
+    return example
+
+
+def text_encoder_specs(source, info: ModelInfo) -> list[ComponentSpec]:
+    seq = info.max_length
+    specs = []
+    if getattr(source, "has_text_encoder", True):
+        config = source.text_encoder_config
+        specs.append(ComponentSpec(
+            name="text_encoder", role="text_encoder",
+            module=lambda: PenultimateTextEncoder(source.load_text_encoder()),
+            inputs=(TensorSpec("input_ids", "int64", ("B", seq)),),
+            outputs=(_f32("penultimate_hidden_state", "B", seq, int(config["hidden_size"])),),
+            example=_token_example(int(config.get("vocab_size", 49408)), seq),
+            sizes=lambda shape: {"B": shape.batch},
+        ))
+    config_2 = source.text_encoder_2_config
+    specs.append(ComponentSpec(
+        name="text_encoder_2", role="text_encoder",
+        module=lambda: ProjectedTextEncoder(source.load_text_encoder_2()),
+        inputs=(TensorSpec("input_ids", "int64", ("B", seq)),),
+        outputs=(_f32("penultimate_hidden_state", "B", seq, info.text_encoder_2_hidden_size),
+                 _f32("text_embeds", "B", info.projection_dim)),
+        example=_token_example(int(config_2.get("vocab_size", 49408)), seq),
+        sizes=lambda shape: {"B": shape.batch},
+    ))
+    return specs
+
+
+def unet_spec(source, info: ModelInfo) -> ComponentSpec:
+    if info.time_cond_proj_dim:
+        raise OptionError("SDXL U-Nets with a guidance embedding (time_cond_proj_dim) are not supported yet")
+    seq = info.max_length
+    inputs = (
+        _f32("sample", "N", info.unet_in_channels, "h", "w"),
+        _f32("timestep", "N"),
+        _f32("encoder_hidden_states", "N", seq, info.text_hidden_size),
+        _f32("text_embeds", "N", info.projection_dim),
+        _f32("time_ids", "N", info.time_ids_length),
+    )
+
+    def example(shape: Shape, gen: torch.Generator):
+        sizes = _spatial(shape, info)
+        n, h, w = sizes["N"], sizes["h"], sizes["w"]
+        time_ids = torch.tensor([float(shape.height), float(shape.width), 0.0, 0.0, float(shape.height),
+                                 float(shape.width)][:info.time_ids_length])
+        if info.requires_aesthetics_score:
+            time_ids[-1] = 6.0
+        return (torch.randn((n, info.unet_in_channels, h, w), generator=gen),
+                torch.randint(1, 1000, (n,), generator=gen).float(),
+                torch.randn((n, seq, info.text_hidden_size), generator=gen),
+                torch.randn((n, info.projection_dim), generator=gen),
+                time_ids.repeat(n, 1))
+
+    return ComponentSpec(
+        name="unet", role="unet",
+        module=lambda: SdxlUNet(source.load_unet()),
+        inputs=inputs,
+        outputs=(_f32("out_sample", "N", info.latent_channels, "h", "w"),),
+        example=example,
+        sizes=lambda shape: _spatial(shape, info),
+        trace_pad=info.vae_scale_factor,
+    )
+
+
+FORCE_UPCAST = "the VAE's config says force_upcast (it overflows in fp16): kept in fp32"
+
+
+def component_specs(source, info: ModelInfo, controlnets) -> list[ComponentSpec]:
+    if controlnets:
+        raise OptionError("SDXL ControlNets are not supported yet: export the SDXL model without --controlnet")
+    vae = [vae_encoder_spec(source, info), vae_decoder_spec(source, info)]
+    if info.vae_force_upcast:
+        vae = [_keep_fp32(spec) for spec in vae]
+    return [*text_encoder_specs(source, info), unet_spec(source, info), *vae]
+
+
+def _keep_fp32(spec: ComponentSpec) -> ComponentSpec:
+    import dataclasses
+
+    return dataclasses.replace(spec, keep_fp32=FORCE_UPCAST)
+
+
+def write_tokenizers(source, stage: Path, write_tokenizer) -> tuple[dict, dict]:
+    """Both tokenizers (a refiner: the second only), each checked against transformers';
+    returns (parity record, the manifest's tokenizer folder names)."""
+    checks, dirs = {}, {}
+    if getattr(source, "has_text_encoder", True):
+        checks["tokenizer"] = write_tokenizer(source, stage / "tokenizer")
+    tokenizer_2 = getattr(source, "tokenizer_2_dir", None)
+    if tokenizer_2 is None:
+        raise SourceError(f"{source.path}: an SDXL model needs tokenizer_2; this one has none")
+    checks["tokenizer_2"] = write_tokenizer(source, stage / "tokenizer_2", tokenizer_2)
+    dirs["tokenizer_2_dir"] = "tokenizer_2"
+    dirs["tokenizer_dir"] = "tokenizer" if "tokenizer" in checks else "tokenizer_2"
+    return checks, dirs

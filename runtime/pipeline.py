@@ -22,6 +22,7 @@ from runtime.numerics import check_finite
 from runtime.resources import check_request
 from runtime.rng import RNG_KINDS, make_rng
 from runtime.schedulers import SCHEDULER_NAMES, scheduler_from_config, scheduler_from_file
+from runtime import sdxl
 from runtime.tokenizer import CLIPTokenizer
 
 __all__ = ["Pipeline", "Control", "Result", "PipelineInputError"]
@@ -78,6 +79,8 @@ class _Run:
     init_image: Image.Image | None
     mask_image: Image.Image | None
     do_cfg: bool
+    xl: sdxl.XLRequest | None = None  # SDXL exports: their extra arguments
+    added_cond: dict[str, np.ndarray] | None = None  # SDXL: the U-Net's text_embeds and time_ids
 
     @property
     def batch(self) -> int:
@@ -159,6 +162,7 @@ class Pipeline:
         self.scheduler_path = self.root / manifest.scheduler_config
         scheduler_from_file(self.scheduler_path)  # fails here, naming the file, if the config is unusable
         self.scheduler_config = json.loads(self.scheduler_path.read_text(encoding="utf-8"))
+        self.sdxl = sdxl.Conditioner(manifest, self.session) if self.info.is_sdxl else None
         self._sessions: dict[str, Any] = {}
         self._device_loop: Any = None  # runtime.device_loop.DeviceLoop, opened where it applies
         self.timings: dict[str, float] = {}
@@ -291,13 +295,34 @@ class Pipeline:
         callback: Callable[[int, float, np.ndarray], None] | None = None,
         progress: bool = False,
         return_latents: bool = False,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        generator=None,
+        decode: bool = True,
     ) -> Result:
+        """SDXL: ``denoising_end`` stops the base part way (``decode=False`` keeps its latents, as
+        diffusers' ``output_type="latent"``); a refiner takes them as ``image`` (an ndarray) with
+        ``denoising_start``. ``generator``: an rng from :func:`runtime.rng.make_rng` to continue
+        (one generator through base and refiner, as diffusers users pass one)."""
         t_start = time.perf_counter()
         self.timings.clear()
         self.calls.clear()
+        xl = sdxl.XLRequest(denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score,
+                            image if isinstance(image, np.ndarray) else None, negative_prompt is None)
+        sdxl.check_request(self.manifest, xl, has_image=image is not None and xl.latents is None, has_mask=mask is not None,
+                           has_controls=bool(controls), error=PipelineInputError)
+        if xl.latents is not None:  # the base's latents: the output size is theirs, as in diffusers
+            image, height, width = None, xl.latents.shape[2] * self.info.vae_scale_factor, xl.latents.shape[3] * self.info.vae_scale_factor
+        if self.info.is_sdxl:  # diffusers' SDXL pipelines' defaults: guidance 5.0, img2img strength 0.3
+            strength = 0.3 if strength is None else strength
+            if guidance_scale is None and "guidance_scale" not in (self.info.recommended or {}):
+                guidance_scale = 5.0
         run = self.check_inputs(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, rng=rng,
                                 height=height, width=width, image=image, strength=strength, mask=mask)
-        noise_rng = make_rng(seed, rng)
+        run.xl = xl if self.info.is_sdxl else None
+        noise_rng = generator if generator is not None else make_rng(seed, rng)
         sched = self.make_scheduler(scheduler)
         embeddings = self.text_embeddings(run)
         timesteps = self.prepare_timesteps(sched, run)
@@ -310,7 +335,8 @@ class Pipeline:
         if loop is not None:  # the CUDA graph's fate (on, or off and why) belongs with the loop's reason
             loop_reason = f"{loop_reason}; CUDA graph {loop.cuda_graph_status}"
         check_finite("unet", latents, self.manifest.component("unet").precision)
-        images = self.decode(latents)
+        images = self.decode(latents) if decode else []
+        return_latents = return_latents or not decode
         self.timings["total"] = time.perf_counter() - t_start
         settings = self._settings(run, seed=seed, rng=rng, scheduler=scheduler, controls=controls,
                                   guess_mode=guess_mode, loop="device" if loop is not None else "numpy")
@@ -368,6 +394,10 @@ class Pipeline:
 
     def text_embeddings(self, run: _Run) -> np.ndarray:
         """The prompts' embeddings, after the negative prompts' when classifier-free guidance is on."""
+        if run.xl is not None:  # SDXL: two encoders, and the U-Net's added conditioning
+            embeddings, run.added_cond = self.sdxl.conditioning(run.prompts, run.negatives, run.height, run.width,
+                                                                run.do_cfg, run.xl)
+            return embeddings
         embeddings = self.encode_prompts(run.prompts)
         if run.do_cfg:
             embeddings = np.concatenate([self.encode_prompts(run.negatives), embeddings])
@@ -383,8 +413,10 @@ class Pipeline:
         except ValueError as e:  # a count the schedule cannot give: refused before the loop, not after it
             raise PipelineInputError(f"{type(sched).__name__}: {e}") from None
         timesteps = np.asarray(sched.timesteps)
-        if run.init_image is None:
-            return timesteps
+        if run.xl is not None and run.xl.denoising_start is not None:
+            return self._cut_at_end(sched, sdxl.start_at(sched, run.xl.denoising_start), run)
+        if run.init_image is None and (run.xl is None or run.xl.latents is None):
+            return self._cut_at_end(sched, timesteps, run)
         steps = run.steps
         init_steps = min(int(steps * run.strength), steps)
         t_start_index = max(steps - init_steps, 0)
@@ -394,6 +426,17 @@ class Pipeline:
             raise PipelineInputError(
                 f"strength {run.strength} with {steps} steps leaves no denoising step; raise --strength or --steps"
             )
+        return self._cut_at_end(sched, timesteps, run)
+
+    @staticmethod
+    def _cut_at_end(sched, timesteps, run: _Run) -> np.ndarray:
+        """SDXL's ``denoising_end`` (the base hands over to the refiner there); others unchanged."""
+        if run.xl is None:
+            return timesteps
+        timesteps = sdxl.cut_at_end(sched, timesteps, run.xl.denoising_end)
+        if len(timesteps) == 0:
+            raise PipelineInputError(f"this --denoising-start/--denoising-end with {run.steps} steps leaves no "
+                                     f"denoising step; raise --steps")
         return timesteps
 
     # -- 3. latents -----------------------------------------------------------------------------
@@ -402,6 +445,8 @@ class Pipeline:
         """The initial latents of txt2img, img2img or inpainting (random draws in diffusers' order)."""
         f = self.info.vae_scale_factor
         shape = (run.batch, self.info.latent_channels, run.height // f, run.width // f)
+        if run.xl is not None and (run.xl.latents is not None or run.xl.denoising_start is not None):
+            return self._handed_over_latents(run, sched, timesteps, rng)
         if run.init_image is None:
             return _Latents((rng.randn(shape) * F32(sched.init_noise_sigma)).astype(F32))
         pixels = imgproc.to_model_input(run.init_image, run.height, run.width)
@@ -411,6 +456,24 @@ class Pipeline:
             latents = sched.add_noise(image_latents, noise, timesteps[:1].repeat(run.batch))
             return _Latents(latents.astype(F32), image_latents, noise)
         return self._inpainting_latents(run, pixels, shape, sched, timesteps, rng)
+
+    def _handed_over_latents(self, run: _Run, sched, timesteps, rng) -> _Latents:
+        """SDXL img2img from the base's latents or with ``denoising_start``: no noise added at a
+        denoising_start (the base's latents are already noisy), as StableDiffusionXLImg2ImgPipeline."""
+        if run.xl.latents is not None:
+            image_latents = run.xl.latents.astype(F32)
+            if run.batch > len(image_latents) and run.batch % len(image_latents) == 0:
+                image_latents = np.concatenate([image_latents] * (run.batch // len(image_latents)))
+            elif run.batch != len(image_latents):
+                raise PipelineInputError(f"{len(image_latents)} base latents for {run.batch} prompts")
+        else:
+            pixels = imgproc.to_model_input(run.init_image, run.height, run.width)
+            image_latents = self._encode_batch(pixels, rng, run.batch)
+        if run.xl.denoising_start is not None:
+            return _Latents(image_latents, image_latents)
+        noise = rng.randn(image_latents.shape)
+        latents = sched.add_noise(image_latents, noise, timesteps[:1].repeat(run.batch))
+        return _Latents(latents.astype(F32), image_latents, noise)
 
     def _inpainting_latents(self, run: _Run, pixels, shape, sched, timesteps, rng) -> _Latents:
         full_strength = run.strength == 1.0
@@ -478,7 +541,7 @@ class Pipeline:
                 extra = [np.concatenate([e, e]) for e in extra]
             unet_input = np.concatenate([model_input, *extra], axis=1)
         residuals = self._control_residuals(controls, i, t, latents, model_input, embeddings, sched, run.do_cfg)
-        noise_pred = self._unet(unet_input, t, embeddings, residuals, run.do_cfg)
+        noise_pred = self._unet(unet_input, t, embeddings, residuals, run.do_cfg, run.added_cond)
         if run.do_cfg:
             uncond, text = np.split(noise_pred, 2)
             noise_pred = uncond + F32(run.guidance_scale) * (text - uncond)
@@ -534,9 +597,11 @@ class Pipeline:
         if static and static != batch:
             raise PipelineInputError(f"this export has a static batch of {static} prompt(s); asked for {batch}")
 
-    def _unet(self, sample, t, embeddings, residuals, do_cfg) -> np.ndarray:
+    def _unet(self, sample, t, embeddings, residuals, do_cfg, added=None) -> np.ndarray:
         name = "unet_control" if residuals is not None else "unet"
         session = self.session(name)
+        if added is not None:  # SDXL's text_embeds and time_ids: batched (and split) as the residuals are
+            residuals = {**(residuals or {}), **added}
 
         def call(x, e, res):
             feeds = {"sample": x, "timestep": np.full((x.shape[0],), t, dtype=F32), "encoder_hidden_states": e}

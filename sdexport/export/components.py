@@ -121,7 +121,7 @@ def residual_layout(unet_config: dict) -> tuple[tuple[int, int], ...]:
 
 def model_info(source: Source) -> ModelInfo:
     if source.unet_config.get("addition_embed_type") == "text_time":
-        from sdexport.export.sdxl import sdxl_model_info
+        from sdexport.export.sdxl_info import sdxl_model_info
 
         return sdxl_model_info(source)
     unet, vae, text = source.unet_config, source.vae_config, source.text_encoder_config

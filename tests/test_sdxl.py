@@ -305,3 +305,29 @@ def test_wrong_family_options_are_one_line(exported, sd1_like, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
     assert not out.exists()
+
+
+def test_force_upcast_vae_stays_fp32_in_a_reduced_export(models, tmp_path):
+    """The SDXL VAE overflows in fp16: asked for fp16, the export keeps it fp32 and says why."""
+    from sdexport.export import sdxl
+    from sdexport.export.components import model_info
+    from sdexport.export.run import export_component
+    from sdexport.export.targets import get_target
+    from sdexport.export.targets.base import ExportOptions
+    from sdexport.sources.open import open_source
+
+    source = open_source(models["base"])
+    info = model_info(source)
+    spec = next(s for s in sdxl.component_specs(source, info, []) if s.name == "vae_decoder")
+    options = ExportOptions(target="onnx", precision="fp16", trace_size=64)
+    component = export_component(spec, get_target("onnx"), tmp_path, options, 16)
+    assert component.precision == "fp32" and component.details["force_upcast"] == sdxl.FORCE_UPCAST
+    assert component.parity["psnr_db"] >= 60
+
+
+def test_calibrated_precision_refused_for_sdxl(models, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["export", str(models["base"]), "--target", "openvino", "--precision", "int8-static", "--out", str(out),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not yet for SDXL" in err[0] and not out.exists()

@@ -85,3 +85,46 @@ def save_tiny_sdxl(out_dir: str | Path, refiner: bool = False, seed: int = 0) ->
     out_dir = Path(out_dir)
     build_tiny_sdxl(refiner, seed).save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
+
+
+# Full-size SDXL 1.0 base architecture (random weights): for benchmarks, where latency does not depend
+# on the weight values. The numbers are those of the SDXL base 1.0 config files.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+SDXL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=True,
+)
+SDXL_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406,
+                 eos_token_id=49407, pad_token_id=1)
+SDXL_TEXT_2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                   num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                   bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+
+
+def save_sdxl_random(out_dir: str | Path, seed: int = 0) -> Path:
+    """An SDXL-base-sized pipeline with random weights, saved as a diffusers folder (benchmarks only:
+    about 7 GB of fp32 weights, and about twice that in memory while it is built and saved)."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**SDXL_VAE).eval(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL_TEXT)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)).eval(),
+        tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(pad_token="!"),
+        unet=UNet2DConditionModel(**SDXL_UNET).eval(), scheduler=_scheduler(), add_watermarker=False,
+    )
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    return Path(out_dir)

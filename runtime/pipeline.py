@@ -315,10 +315,10 @@ class Pipeline:
                            has_controls=bool(controls), error=PipelineInputError)
         if xl.latents is not None:  # the base's latents: the output size is theirs, as in diffusers
             image, height, width = None, xl.latents.shape[2] * self.info.vae_scale_factor, xl.latents.shape[3] * self.info.vae_scale_factor
-        if self.info.is_sdxl:  # diffusers' SDXL pipelines' defaults: guidance 5.0, img2img strength 0.3
-            strength = 0.3 if strength is None else strength
+        if self.info.is_sdxl:  # diffusers' SDXL defaults: guidance 5.0 and strength 0.3; inpainting 7.5 and 0.9999
+            strength = (0.9999 if mask is not None else 0.3) if strength is None else strength
             if guidance_scale is None and "guidance_scale" not in (self.info.recommended or {}):
-                guidance_scale = 5.0
+                guidance_scale = 7.5 if mask is not None else 5.0
         run = self.check_inputs(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, rng=rng,
                                 height=height, width=width, image=image, strength=strength, mask=mask)
         run.xl = xl if self.info.is_sdxl else None

@@ -67,8 +67,8 @@ def check_request(manifest: Manifest, xl: XLRequest, *, has_image: bool, has_mas
         if used:
             raise error(f"{used[0]} is an SDXL option; this export is a {info.family} model")
         return xl
-    if has_mask:
-        raise error(f"inpainting (--mask) is not supported for SDXL exports yet; this export is {info.family}")
+    if has_mask and (xl.denoising_start is not None or xl.latents is not None):
+        raise error("SDXL inpainting (--mask) starts from an image, not from a base's latents or --denoising-start")
     if has_controls:
         raise error(f"ControlNet is not supported for SDXL exports yet; this export is {info.family}")
     xl.denoising_start = _fraction(xl.denoising_start, "--denoising-start", error)

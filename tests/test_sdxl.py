@@ -6,7 +6,8 @@ txt2img with no, an empty and a non-empty negative prompt (no negative prompt: z
 ``force_zeros_for_empty_prompt``), a non-square size, two schedulers; img2img; the refiner alone
 (img2img with aesthetic-score time ids) and as the second expert (base with ``denoising_end``
 returning latents, refiner with ``denoising_start``, one generator through both); SDXL-Turbo
-(``--few-step turbo``: Euler ancestral with trailing timesteps, 1 step, guidance 0).
+(``--few-step turbo``: Euler ancestral with trailing timesteps, 1 step, guidance 0); inpainting with an
+ordinary and a 9-channel U-Net (StableDiffusionXLInpaintPipeline).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def models(tmp_path_factory):
     from sdexport.demo.tiny_sdxl import save_tiny_sdxl
 
     root = tmp_path_factory.mktemp("tiny-sdxl")
-    return {"base": save_tiny_sdxl(root / "base"), "refiner": save_tiny_sdxl(root / "refiner", refiner=True)}
+    models = {"base": save_tiny_sdxl(root / "base"), "refiner": save_tiny_sdxl(root / "refiner", refiner=True)}
+    models["inpaint"] = root / "inpaint"  # built on first use (the slow 9-channel test only)
+    return models
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +46,15 @@ def exported(tmp_path_factory, models):
 
     def get(model: str, target: str = "onnx", *flags: str):
         key = (model, target, flags)
-        if model == "refiner" or target != "onnx":
+        if model != "base" or target != "onnx":
             # The base's ONNX export runs the per-component parity gate; the others skip it to keep
             # this module quick: the image PSNR against diffusers below is the stronger check anyway.
             flags = (*flags, "--no-validate")
         if key not in done:
+            if model == "inpaint" and not models["inpaint"].exists():
+                from sdexport.demo.tiny_sdxl import save_tiny_sdxl
+
+                save_tiny_sdxl(models["inpaint"], inpainting=True)
             out = tmp_path_factory.mktemp(f"sdxl-{model}-{target}") / "out"
             assert main(["export", str(models[model]), "--target", target, "--out", str(out), "--quiet", *flags]) == 0
             done[key] = out
@@ -65,8 +72,10 @@ def reference(models):
 
     def get(kind: str):
         if kind not in loaded:
-            cls = diffusers.StableDiffusionXLPipeline if kind == "txt2img" else diffusers.StableDiffusionXLImg2ImgPipeline
-            pipe = cls.from_pretrained(str(models["refiner" if kind == "refiner" else "base"]))
+            cls = {"txt2img": diffusers.StableDiffusionXLPipeline, "inpaint": diffusers.StableDiffusionXLInpaintPipeline,
+                   "inpaint9": diffusers.StableDiffusionXLInpaintPipeline}.get(kind, diffusers.StableDiffusionXLImg2ImgPipeline)
+            model = {"refiner": "refiner", "inpaint9": "inpaint"}.get(kind, "base")
+            pipe = cls.from_pretrained(str(models[model]))
             pipe.set_progress_bar_config(disable=True)
             loaded[kind] = (pipe, pipe.scheduler)
         pipe, default = loaded[kind]
@@ -219,6 +228,27 @@ def test_python_api_hand_over(exported, reference):
     _check(ours, theirs)
 
 
+@pytest.mark.parametrize("model, strength, negative, scheduler", [
+    ("base", None, None, None),  # an ordinary U-Net: the kept area follows the noised original (strength 0.9999)
+    ("base", "0.7", "dark", "ddim"),
+    pytest.param("inpaint", None, None, None, marks=pytest.mark.slow),  # 9-channel U-Net (mask + masked image)
+    pytest.param("inpaint", "1.0", "", "euler-a", marks=pytest.mark.slow),
+])
+def test_inpaint_equals_diffusers(exported, reference, tmp_path, model, strength, negative, scheduler):
+    from tests.reference import sample_mask
+
+    sample_image(64).save(tmp_path / "in.png")
+    sample_mask(64).save(tmp_path / "mask.png")
+    extra = ["--prompt", PROMPT, "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--steps", "4"]
+    extra += (["--strength", strength] if strength else []) + (["--negative-prompt", negative] if negative is not None else [])
+    ours = _generate(tmp_path, exported(model), *extra, *(["--scheduler", scheduler] if scheduler else []))
+    kwargs = {"strength": float(strength)} if strength else {}
+    theirs = _run(reference("inpaint" if model == "base" else "inpaint9"), scheduler, 3, prompt=PROMPT,
+                  negative_prompt=negative, image=sample_image(64), mask_image=sample_mask(64), num_inference_steps=4,
+                  height=64, width=64, **kwargs)
+    _check(ours, theirs)
+
+
 @pytest.mark.slow
 def test_openvino_fp32_equals_diffusers(exported, reference, tmp_path):
     artifact = exported("base", "openvino")
@@ -286,7 +316,7 @@ def sd1_like(exported, tmp_path_factory):
     ("sd1 --refiner", "--refiner needs an SDXL base export"),
     ("refiner alone", "this export is an SDXL refiner: give an --image"),
     ("refiner --denoising-start", "--denoising-start continues a base run"),
-    ("sdxl --mask", "inpainting (--mask) is not supported for SDXL exports yet"),
+    ("sdxl --mask --denoising-start", "SDXL inpainting (--mask) starts from an image"),
     ("base --refiner sd1", "an SDXL export is needed; that one is a sd1 model"),
 ])
 def test_wrong_family_options_are_one_line(exported, sd1_like, tmp_path, capsys, case, expected):
@@ -298,7 +328,8 @@ def test_wrong_family_options_are_one_line(exported, sd1_like, tmp_path, capsys,
         "sd1 --refiner": [str(sd1_like), "--refiner", refiner],
         "refiner alone": [refiner],
         "refiner --denoising-start": [refiner, "--denoising-start", "0.8"],
-        "sdxl --mask": [base, "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "in.png")],
+        "sdxl --mask --denoising-start": [base, "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "in.png"),
+                                          "--denoising-start", "0.5"],
         "base --refiner sd1": [base, "--refiner", str(sd1_like), "--steps", "2", "--height", "64", "--width", "64"],
     }[case]
     assert main(["generate", *args, "--prompt", "x", "--output", str(out), "--quiet"]) == 2

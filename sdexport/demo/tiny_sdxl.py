@@ -26,11 +26,11 @@ def _text_config(**extra):
                           eos_token_id=49407, pad_token_id=1, **extra)
 
 
-def _unet(cross_attention_dim: int, n_time_ids: int):
+def _unet(cross_attention_dim: int, n_time_ids: int, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=32, in_channels=in_channels, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=1, attention_head_dim=(2, 4), use_linear_projection=True,
         cross_attention_dim=cross_attention_dim, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED,
@@ -56,15 +56,16 @@ def _scheduler():
                                   interpolation_type="linear", use_karras_sigmas=False, prediction_type="epsilon")
 
 
-def build_tiny_sdxl(refiner: bool = False, seed: int = 0):
+def build_tiny_sdxl(refiner: bool = False, seed: int = 0, inpainting: bool = False):
     """A diffusers StableDiffusionXLPipeline (or, for the refiner, a StableDiffusionXLImg2ImgPipeline
-    with only text_encoder_2, aesthetic-score time ids and force_zeros_for_empty_prompt off, as SDXL's)."""
+    with only text_encoder_2, aesthetic-score time ids and force_zeros_for_empty_prompt off, as SDXL's;
+    with ``inpainting``, a StableDiffusionXLInpaintPipeline with a 9-channel U-Net)."""
     import diffusers
     import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    unet = _unet(TEXT_WIDTH if refiner else 2 * TEXT_WIDTH, 5 if refiner else 6)
+    unet = _unet(TEXT_WIDTH if refiner else 2 * TEXT_WIDTH, 5 if refiner else 6, 9 if inpainting else 4)
     torch.manual_seed(seed + 1)
     vae = _vae()
     torch.manual_seed(seed + 2)
@@ -78,12 +79,14 @@ def build_tiny_sdxl(refiner: bool = False, seed: int = 0):
     if refiner:
         return diffusers.StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True,
                                                           force_zeros_for_empty_prompt=False, add_watermarker=False)
+    if inpainting:
+        return diffusers.StableDiffusionXLInpaintPipeline(**parts, add_watermarker=False)
     return diffusers.StableDiffusionXLPipeline(**parts, add_watermarker=False)
 
 
-def save_tiny_sdxl(out_dir: str | Path, refiner: bool = False, seed: int = 0) -> Path:
+def save_tiny_sdxl(out_dir: str | Path, refiner: bool = False, seed: int = 0, inpainting: bool = False) -> Path:
     out_dir = Path(out_dir)
-    build_tiny_sdxl(refiner, seed).save_pretrained(str(out_dir), safe_serialization=True)
+    build_tiny_sdxl(refiner, seed, inpainting).save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
 
 

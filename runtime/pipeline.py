@@ -312,7 +312,7 @@ class Pipeline:
         xl = sdxl.XLRequest(denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score,
                             image if isinstance(image, np.ndarray) else None, negative_prompt is None)
         sdxl.check_request(self.manifest, xl, has_image=image is not None and xl.latents is None, has_mask=mask is not None,
-                           has_controls=bool(controls), error=PipelineInputError)
+                           error=PipelineInputError)
         if xl.latents is not None:  # the base's latents: the output size is theirs, as in diffusers
             image, height, width = None, xl.latents.shape[2] * self.info.vae_scale_factor, xl.latents.shape[3] * self.info.vae_scale_factor
         if self.info.is_sdxl:  # diffusers' SDXL defaults: guidance 5.0 and strength 0.3; inpainting 7.5 and 0.9999
@@ -540,7 +540,8 @@ class Pipeline:
             if run.do_cfg:
                 extra = [np.concatenate([e, e]) for e in extra]
             unet_input = np.concatenate([model_input, *extra], axis=1)
-        residuals = self._control_residuals(controls, i, t, latents, model_input, embeddings, sched, run.do_cfg)
+        residuals = self._control_residuals(controls, i, t, latents, model_input, embeddings, sched, run.do_cfg,
+                                            run.added_cond)
         noise_pred = self._unet(unet_input, t, embeddings, residuals, run.do_cfg, run.added_cond)
         if run.do_cfg:
             uncond, text = np.split(noise_pred, 2)
@@ -641,14 +642,16 @@ class Pipeline:
             state.append((c, cond, keep))
         return {"nets": state, "residual_names": names, "guess_mode": guess_mode}
 
-    def _control_residuals(self, state, i, t, latents, model_input, embeddings, sched, do_cfg):
+    def _control_residuals(self, state, i, t, latents, model_input, embeddings, sched, do_cfg, added=None):
         if state is None:
             return None
         guess = state["guess_mode"] and do_cfg
+        added = dict(added or {})  # SDXL ControlNets take text_embeds and time_ids too
         if guess:
             # only the conditional branch sees the control; the unconditional half gets zeros
             control_input = sched.scale_model_input(latents, t).astype(F32, copy=False)
             control_embeddings = embeddings[embeddings.shape[0] // 2:]
+            added = {k: v[v.shape[0] // 2:] for k, v in added.items()}
         else:
             control_input, control_embeddings = model_input, embeddings
         total = None
@@ -665,7 +668,7 @@ class Pipeline:
             else:
                 per_residual = np.full((n_res,), scale, F32)
             batched = {"sample": control_input, "timestep": np.full((n,), t, dtype=F32),
-                       "encoder_hidden_states": control_embeddings, "controlnet_cond": cond}
+                       "encoder_hidden_states": control_embeddings, "controlnet_cond": cond, **added}
             # Sequential CFG: the ControlNet, like the U-Net, sees one branch per call.
             halves = [slice(0, n // 2), slice(n // 2, n)] if self.cfg == "sequential" and do_cfg and not guess else [slice(0, n)]
             session = self.session(f"controlnet/{control.name}")

@@ -58,8 +58,7 @@ def _fraction(value, name: str, error) -> float | None:
     return value
 
 
-def check_request(manifest: Manifest, xl: XLRequest, *, has_image: bool, has_mask: bool, has_controls: bool,
-                  error) -> XLRequest:
+def check_request(manifest: Manifest, xl: XLRequest, *, has_image: bool, has_mask: bool, error) -> XLRequest:
     """Refused in one line: SDXL options on an SD 1.x/2.x export, SD-only ones on SDXL, a refiner without input."""
     info = manifest.model
     if not info.is_sdxl:
@@ -69,8 +68,6 @@ def check_request(manifest: Manifest, xl: XLRequest, *, has_image: bool, has_mas
         return xl
     if has_mask and (xl.denoising_start is not None or xl.latents is not None):
         raise error("SDXL inpainting (--mask) starts from an image, not from a base's latents or --denoising-start")
-    if has_controls:
-        raise error(f"ControlNet is not supported for SDXL exports yet; this export is {info.family}")
     xl.denoising_start = _fraction(xl.denoising_start, "--denoising-start", error)
     xl.denoising_end = _fraction(xl.denoising_end, "--denoising-end", error)
     if xl.denoising_start is not None and xl.denoising_end is not None and xl.denoising_start >= xl.denoising_end:

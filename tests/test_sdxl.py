@@ -249,6 +249,57 @@ def test_inpaint_equals_diffusers(exported, reference, tmp_path, model, strength
     _check(ours, theirs)
 
 
+@pytest.fixture(scope="module")
+def sdxl_controlnets(models, tmp_path_factory):
+    """Two SDXL ControlNets (addition_embed_type text_time) copied from the tiny base U-Net, zero convolutions randomised."""
+    from tests.conftest import save_tiny_controlnet
+
+    root = tmp_path_factory.mktemp("sdxl-controlnets")
+    return {name: save_tiny_controlnet(models["base"], root / name, seed) for name, seed in (("edges", 11), ("depth", 12))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nets, negative, guess", [
+    ((("edges", 1.0, 0.0, 1.0),), None, False),
+    ((("edges", 0.7, 0.0, 0.6), ("depth", 1.2, 0.3, 1.0)), "dark", False),  # two at once, scales, start/end
+    ((("edges", 1.0, 0.0, 1.0),), "", True),  # guess mode: the conditional half only, diffusers' logspace scales
+])
+def test_controlnet_equals_diffusers(exported, models, sdxl_controlnets, tmp_path, nets, negative, guess):
+    import diffusers
+    import torch
+
+    from runtime import Pipeline
+    from runtime.pipeline import Control
+
+    flags = [f for name, path in sdxl_controlnets.items() for f in ("--controlnet", f"{name}={path}")]
+    artifact = exported("base", "onnx", *flags)
+    images = {name: sample_image(64, seed=5 + i) for i, name in enumerate(sdxl_controlnets)}
+    controls = [Control(name, images[name], scale, start, end) for name, scale, start, end in nets]
+    ours = Pipeline.from_dir(artifact).generate(PROMPT, negative, steps=4, seed=3, rng="torch", height=64, width=64,
+                                                controls=controls, guess_mode=guess).image
+    cns = [diffusers.ControlNetModel.from_pretrained(str(sdxl_controlnets[n])) for n, *_ in nets]
+    pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(
+        str(models["base"]), controlnet=cns if len(cns) > 1 else cns[0])
+    pipe.set_progress_bar_config(disable=True)
+    one = len(nets) == 1
+    pick = (lambda v: v[0]) if one else (lambda v: v)
+    with torch.no_grad():
+        theirs = pipe(PROMPT, negative_prompt=negative, image=pick([images[n] for n, *_ in nets]), num_inference_steps=4,
+                      height=64, width=64, guess_mode=guess, generator=torch.Generator().manual_seed(3),
+                      controlnet_conditioning_scale=pick([c[1] for c in nets]),
+                      control_guidance_start=pick([c[2] for c in nets]),
+                      control_guidance_end=pick([c[3] for c in nets])).images[0]
+    _check(ours, theirs)
+
+
+def test_controlnet_of_the_other_family_is_one_line(models, tiny_controlnets, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["export", str(models["base"]), "--controlnet", f"edges={tiny_controlnets['edges']}", "--out", str(out),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit the U-Net" in err[0] and not out.exists()
+
+
 @pytest.mark.slow
 def test_openvino_fp32_equals_diffusers(exported, reference, tmp_path):
     artifact = exported("base", "openvino")

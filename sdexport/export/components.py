@@ -123,7 +123,7 @@ def model_info(source: Source) -> ModelInfo:
     if source.unet_config.get("addition_embed_type") == "text_time":
         from sdexport.export.sdxl_info import sdxl_model_info
 
-        return sdxl_model_info(source)
+        return dataclasses.replace(sdxl_model_info(source), control_residuals=residual_layout(source.unet_config))
     unet, vae, text = source.unet_config, source.vae_config, source.text_encoder_config
     sched = source.scheduler_config
     prediction = sched.get("prediction_type", "epsilon")

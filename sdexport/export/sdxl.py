@@ -18,7 +18,8 @@ import torch
 
 from runtime.manifest import ModelInfo, TensorSpec
 from sdexport.errors import OptionError, SourceError
-from sdexport.export.components import ComponentSpec, Shape, _f32, _spatial, vae_decoder_spec, vae_encoder_spec
+from sdexport.export.components import ComponentSpec, Shape, _f32, _residual_dims, _residual_sizes, _spatial, \
+    controlnet_output_names, residual_names, vae_decoder_spec, vae_encoder_spec
 
 
 # --- torch wrappers ----------------------------------------------------------------------------
@@ -48,15 +49,37 @@ class ProjectedTextEncoder(torch.nn.Module):
 
 
 class SdxlUNet(torch.nn.Module):
-    """The U-Net with its added conditioning as two more positional inputs."""
+    """The U-Net with its added conditioning as two more positional inputs; with ``n_residuals``,
+    ControlNet residuals (K down + 1 mid) after them."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, n_residuals: int = 0):
         super().__init__()
         self.unet = unet
+        self.n_residuals = n_residuals
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        down = mid = None
+        if self.n_residuals:
+            down, mid = list(residuals[:-1]), residuals[-1]
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                         down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
+
+
+class SdxlControlNet(torch.nn.Module):
+    """An SDXL ControlNet (added conditioning too), one conditioning scale per residual as for SD."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, controlnet_cond,
+                conditioning_scale):
+        down, mid = self.controlnet(
+            sample, timestep, encoder_hidden_states, controlnet_cond=controlnet_cond, conditioning_scale=1.0,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, guess_mode=False, return_dict=False)
+        scaled = [d * conditioning_scale[i] for i, d in enumerate(down)]
+        return (*scaled, mid * conditioning_scale[len(down)])
 
 
 # --- component specs ---------------------------------------------------------------------------
@@ -101,39 +124,64 @@ def text_encoder_specs(source, info: ModelInfo) -> list[ComponentSpec]:
     return specs
 
 
-def unet_spec(source, info: ModelInfo) -> ComponentSpec:
+def _conditioning(info: ModelInfo, channels: int) -> list[TensorSpec]:
+    return [_f32("sample", "N", channels, "h", "w"), _f32("timestep", "N"),
+            _f32("encoder_hidden_states", "N", info.max_length, info.text_hidden_size),
+            _f32("text_embeds", "N", info.projection_dim), _f32("time_ids", "N", info.time_ids_length)]
+
+
+def _example(inputs, info: ModelInfo, shape: Shape, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Example tensors for every input by name: real time ids (sizes, crop 0, a score), random others."""
+    sizes = _residual_sizes(shape, info)
+    time_ids = torch.tensor([float(shape.height), float(shape.width), 0.0, 0.0, float(shape.height),
+                             float(shape.width)][:info.time_ids_length])
+    if info.requires_aesthetics_score:
+        time_ids[-1] = 6.0
+    tensors = []
+    for spec in inputs:
+        dims = [d if isinstance(d, int) else sizes[d] for d in spec.shape]
+        if spec.name == "timestep":
+            tensors.append(torch.randint(1, 1000, dims, generator=gen).float())
+        elif spec.name == "time_ids":
+            tensors.append(time_ids.repeat(dims[0], 1))
+        elif spec.name == "controlnet_cond":
+            tensors.append(torch.rand(dims, generator=gen))
+        elif spec.name == "conditioning_scale":
+            tensors.append(torch.rand(dims, generator=gen) + 0.5)
+        else:
+            tensors.append(torch.randn(dims, generator=gen))
+    return tuple(tensors)
+
+
+def unet_spec(source, info: ModelInfo, control: bool = False) -> ComponentSpec:
     if info.time_cond_proj_dim:
         raise OptionError("SDXL U-Nets with a guidance embedding (time_cond_proj_dim) are not supported yet")
-    seq = info.max_length
-    inputs = (
-        _f32("sample", "N", info.unet_in_channels, "h", "w"),
-        _f32("timestep", "N"),
-        _f32("encoder_hidden_states", "N", seq, info.text_hidden_size),
-        _f32("text_embeds", "N", info.projection_dim),
-        _f32("time_ids", "N", info.time_ids_length),
+    inputs = _conditioning(info, info.unet_in_channels)
+    if control:
+        inputs += [_f32(n, "N", ch, hs, ws) for n, (ch, hs, ws) in zip(residual_names(info), _residual_dims(info))]
+    n_res = len(info.control_residuals) if control else 0
+    return ComponentSpec(
+        name="unet_control" if control else "unet", role="unet",
+        module=lambda: SdxlUNet(source.load_unet(), n_res),
+        inputs=tuple(inputs),
+        outputs=(_f32("out_sample", "N", info.latent_channels, "h", "w"),),
+        example=lambda shape, gen: _example(inputs, info, shape, gen),
+        sizes=lambda shape: _residual_sizes(shape, info),
+        trace_pad=info.vae_scale_factor,
     )
 
-    def example(shape: Shape, gen: torch.Generator):
-        sizes = _spatial(shape, info)
-        n, h, w = sizes["N"], sizes["h"], sizes["w"]
-        time_ids = torch.tensor([float(shape.height), float(shape.width), 0.0, 0.0, float(shape.height),
-                                 float(shape.width)][:info.time_ids_length])
-        if info.requires_aesthetics_score:
-            time_ids[-1] = 6.0
-        return (torch.randn((n, info.unet_in_channels, h, w), generator=gen),
-                torch.randint(1, 1000, (n,), generator=gen).float(),
-                torch.randn((n, seq, info.text_hidden_size), generator=gen),
-                torch.randn((n, info.projection_dim), generator=gen),
-                time_ids.repeat(n, 1))
 
+def controlnet_spec(cn_source, info: ModelInfo) -> ComponentSpec:
+    n_res = len(info.control_residuals)
+    inputs = _conditioning(info, info.latent_channels) + [_f32("controlnet_cond", "N", 3, "H", "W"),
+                                                         _f32("conditioning_scale", n_res)]
+    outputs = tuple(_f32(n, "N", ch, hs, ws) for n, (ch, hs, ws) in zip(controlnet_output_names(info), _residual_dims(info)))
     return ComponentSpec(
-        name="unet", role="unet",
-        module=lambda: SdxlUNet(source.load_unet()),
-        inputs=inputs,
-        outputs=(_f32("out_sample", "N", info.latent_channels, "h", "w"),),
-        example=example,
-        sizes=lambda shape: _spatial(shape, info),
-        trace_pad=info.vae_scale_factor,
+        name=f"controlnet/{cn_source.name}", role="controlnet",
+        module=lambda: SdxlControlNet(cn_source.load()),
+        inputs=tuple(inputs), outputs=outputs,
+        example=lambda shape, gen: _example(inputs, info, shape, gen),
+        sizes=lambda shape: _residual_sizes(shape, info),
     )
 
 
@@ -151,12 +199,15 @@ FORCE_UPCAST = "the VAE's config says force_upcast (it overflows in fp16): kept 
 
 
 def component_specs(source, info: ModelInfo, controlnets) -> list[ComponentSpec]:
-    if controlnets:
-        raise OptionError("SDXL ControlNets are not supported yet: export the SDXL model without --controlnet")
+    for cn in controlnets:
+        if cn.config.get("addition_embed_type") != "text_time":
+            raise SourceError(f"ControlNet {cn.name!r} ({cn.path}) is an SD 1.x/2.x ControlNet; an SDXL model needs "
+                              f"an SDXL ControlNet (addition_embed_type text_time)")
     vae = [vae_encoder_spec(source, info), vae_decoder_spec(source, info)]
     if info.vae_force_upcast:
         vae = [_keep_fp32(spec) for spec in vae]
-    return [*text_encoder_specs(source, info), unet_spec(source, info), *vae]
+    unets = [unet_spec(source, info)] + ([unet_spec(source, info, control=True)] if controlnets else [])
+    return [*text_encoder_specs(source, info), *unets, *vae, *(controlnet_spec(cn, info) for cn in controlnets)]
 
 
 def _keep_fp32(spec: ComponentSpec) -> ComponentSpec:

@@ -2,8 +2,8 @@
 
 A U-Net with ``addition_embed_type == "text_time"`` and a ``text_encoder_2`` make an SDXL model; the
 refiner is told apart by its time ids (5, ending in an aesthetic score, instead of 6), which the
-U-Net's ``projection_class_embeddings_input_dim`` fixes. ControlNet residuals are not described yet
-(no SDXL ControlNet export), so ``control_residuals`` stays empty.
+U-Net's ``projection_class_embeddings_input_dim`` fixes. (``components.model_info`` adds the
+ControlNet residual layout, which is the same function of the U-Net config as for SD.)
 """
 
 from __future__ import annotations

@@ -186,6 +186,8 @@ class Pipeline:
         return self._sessions[name]
 
     def warmup(self, names: Sequence[str] = ("text_encoder", "unet", "vae_decoder")) -> None:
+        if self.info.is_sdxl:  # both text encoders (a refiner has only the second)
+            names = [n for n in names if n != "text_encoder" or self.sdxl.first] + ["text_encoder_2"] * ("text_encoder" in names)
         for name in names:
             if name == "unet" and self.device_loop() is not None:
                 continue  # the device loop holds its own U-Net session

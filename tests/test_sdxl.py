@@ -40,12 +40,24 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, models):
-    """``exported(model, target, *flags)`` -> artifact directory, each exported once per module."""
+def sdxl_controlnets(models, tmp_path_factory):
+    """Two SDXL ControlNets (addition_embed_type text_time) copied from the tiny base U-Net, zero convolutions randomised."""
+    from tests.conftest import save_tiny_controlnet
+
+    root = tmp_path_factory.mktemp("sdxl-controlnets")
+    return {name: save_tiny_controlnet(models["base"], root / name, seed) for name, seed in (("edges", 11), ("depth", 12))}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, models, sdxl_controlnets):
+    """``exported(model, target, *flags)`` -> artifact directory, each exported once per module. The base's
+    ONNX export carries the two ControlNets (one export for every ONNX test: the plain runs use ``unet``)."""
     done = {}
 
     def get(model: str, target: str = "onnx", *flags: str):
         key = (model, target, flags)
+        if model == "base" and target == "onnx":
+            flags = (*flags, *(f for name, path in sdxl_controlnets.items() for f in ("--controlnet", f"{name}={path}")))
         if model != "base" or target != "onnx":
             # The base's ONNX export runs the per-component parity gate; the others skip it to keep
             # this module quick: the image PSNR against diffusers below is the stronger check anyway.
@@ -214,8 +226,11 @@ def test_python_api_hand_over(exported, reference):
     base = Pipeline.from_dir(exported("base")).generate(PROMPT, steps=4, denoising_end=0.6, decode=False, rng="torch",
                                                          height=64, width=64, generator=generator)
     assert base.images == [] and base.latents.shape == (1, 4, 8, 8)
-    ours = Pipeline.from_dir(exported("refiner")).generate(PROMPT, "dark", steps=4, image=base.latents, rng="torch",
-                                                            denoising_start=0.6, generator=generator).image
+    refiner = Pipeline.from_dir(exported("refiner"))
+    refiner.warmup()  # the refiner's one text encoder, its U-Net and VAE decoder
+    assert {"text_encoder_2", "unet", "vae_decoder"} <= set(refiner._sessions) and "text_encoder" not in refiner._sessions
+    ours = refiner.generate(PROMPT, "dark", steps=4, image=base.latents, rng="torch", denoising_start=0.6,
+                            generator=generator).image
     import torch
 
     torch_generator = torch.Generator().manual_seed(7)
@@ -249,16 +264,6 @@ def test_inpaint_equals_diffusers(exported, reference, tmp_path, model, strength
     _check(ours, theirs)
 
 
-@pytest.fixture(scope="module")
-def sdxl_controlnets(models, tmp_path_factory):
-    """Two SDXL ControlNets (addition_embed_type text_time) copied from the tiny base U-Net, zero convolutions randomised."""
-    from tests.conftest import save_tiny_controlnet
-
-    root = tmp_path_factory.mktemp("sdxl-controlnets")
-    return {name: save_tiny_controlnet(models["base"], root / name, seed) for name, seed in (("edges", 11), ("depth", 12))}
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("nets, negative, guess", [
     ((("edges", 1.0, 0.0, 1.0),), None, False),
     ((("edges", 0.7, 0.0, 0.6), ("depth", 1.2, 0.3, 1.0)), "dark", False),  # two at once, scales, start/end
@@ -271,8 +276,7 @@ def test_controlnet_equals_diffusers(exported, models, sdxl_controlnets, tmp_pat
     from runtime import Pipeline
     from runtime.pipeline import Control
 
-    flags = [f for name, path in sdxl_controlnets.items() for f in ("--controlnet", f"{name}={path}")]
-    artifact = exported("base", "onnx", *flags)
+    artifact = exported("base")
     images = {name: sample_image(64, seed=5 + i) for i, name in enumerate(sdxl_controlnets)}
     controls = [Control(name, images[name], scale, start, end) for name, scale, start, end in nets]
     ours = Pipeline.from_dir(artifact).generate(PROMPT, negative, steps=4, seed=3, rng="torch", height=64, width=64,

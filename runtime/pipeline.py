@@ -291,7 +291,17 @@ class Pipeline:
         callback: Callable[[int, float, np.ndarray], None] | None = None,
         progress: bool = False,
         return_latents: bool = False,
+        noise_level: int | None = None,
+        tiling: Any = None,
     ) -> Result:
+        if self.info.family == "upscaler":  # its own loop: runtime.upscale
+            from runtime.upscale import upscale
+
+            return upscale(self, prompt, negative_prompt, image=image, noise_level=noise_level, steps=steps,
+                           guidance_scale=guidance_scale, scheduler=scheduler, seed=seed, rng=rng, tiling=tiling,
+                           callback=callback, progress=progress, return_latents=return_latents)
+        if noise_level is not None or tiling is not None:
+            raise PipelineInputError("--noise-level and tiling apply to x4 upscaler exports only")
         t_start = time.perf_counter()
         self.timings.clear()
         self.calls.clear()

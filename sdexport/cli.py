@@ -256,6 +256,7 @@ def cmd_generate(args) -> int:
         guess_mode=args.guess_mode,
         progress=not args.quiet,
         return_latents=latents_out is not None,
+        **_upscale_args(args),
     )
     files = [(output, imgproc.png_bytes(result.image, png_metadata(result.settings)))]
     if latents_out is not None:
@@ -274,6 +275,20 @@ def cmd_generate(args) -> int:
         total = result.timings["total"]
         print(f"wrote {output} ({result.image.width}x{result.image.height}) in {total:.2f} s", file=sys.stderr)
     return 0
+
+
+def _upscale_args(args) -> dict:
+    """x4 upscaler exports: --noise-level and the tiling of large inputs (passed only when given)."""
+    out = {}
+    if args.noise_level is not None:
+        out["noise_level"] = args.noise_level
+    if args.tile is not None or args.tile_overlap is not None:
+        from runtime.upscale import Tiling
+
+        default = Tiling()
+        out["tiling"] = Tiling(default.size if args.tile is None else args.tile,
+                               default.overlap if args.tile_overlap is None else args.tile_overlap)
+    return out
 
 
 def _check_generate_values(args) -> None:
@@ -485,6 +500,11 @@ def _generate_parser(sub) -> None:
     g.add_argument("--strength", type=float)
     g.add_argument("--mask", help="inpainting mask (white = repaint), same size as --image")
     _control_args(g)
+    g.add_argument("--noise-level", type=int, help="x4 upscaler: noise added to the input, 0..max_noise_level "
+                   "(default 20, as diffusers)")
+    g.add_argument("--tile", type=int, help="x4 upscaler: tile side in input pixels for large inputs "
+                   "(default 256; 0: never tile); tiles overlap and are blended with linear feathering")
+    g.add_argument("--tile-overlap", type=int, help="x4 upscaler: input pixels neighbouring tiles share (default 32)")
     g.add_argument("--cfg", choices=declared.CFG_MODES, help="override the export's CFG batching")
     g.add_argument("--device", help="backend device: cpu, cuda, gpu, npu, auto ...")
     g.add_argument("--threads", type=int)

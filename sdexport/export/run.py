@@ -34,6 +34,7 @@ from sdexport.sources.diffusers import ControlNetSource
 from sdexport.sources.open import open_source, recommended_settings
 from sdexport.export.targets import get_target
 from sdexport.export.targets.base import ExportOptions, Target
+from sdexport.export.upscaler import write_low_res_scheduler
 from sdexport.export.validate import gate, measure, passes, validation_shape
 
 LIBRARIES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf",
@@ -121,7 +122,9 @@ def component_specs(source: Source, info: ModelInfo, controlnets: list[ControlNe
     specs = [text_encoder_spec(source, info), unet_spec(source, info)]
     if controlnets:
         specs.append(unet_spec(source, info, control=True))
-    specs += [vae_encoder_spec(source, info), vae_decoder_spec(source, info)]
+    if info.family != "upscaler":  # the x4 upscaler never encodes an image with its VAE
+        specs.append(vae_encoder_spec(source, info))
+    specs.append(vae_decoder_spec(source, info))
     specs += [controlnet_spec(cn, info) for cn in controlnets]
     return specs
 
@@ -171,6 +174,8 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
         tokenizer_check = write_tokenizer(source, stage / "tokenizer")
         (stage / "scheduler").mkdir()
         shutil.copyfile(source.path / "scheduler" / "scheduler_config.json", stage / "scheduler" / "scheduler_config.json")
+        if info.family == "upscaler":
+            write_low_res_scheduler(source, stage)
         with tqdm(specs, desc="export", unit="component", disable=not progress, file=sys.stderr) as bar:
             for spec in bar:  # a context manager: an error message never lands on the bar's line
                 bar.set_postfix_str(spec.name)

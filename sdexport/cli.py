@@ -73,6 +73,7 @@ def cmd_export(args) -> int:
         source_config=args.config,
         prediction_type=args.prediction_type,
         few_step=args.few_step,
+        vae=args.vae,
         validate=not args.no_validate,
         overwrite=args.overwrite,
         dry_run=args.dry_run,
@@ -82,6 +83,15 @@ def cmd_export(args) -> int:
         print(describe(manifest))
     if manifest.root is None:  # a dry run over an existing --out: checked, nothing replaced
         print(f"{args.out}: exists; the dry run checked it and wrote nothing (a dry run replaces nothing)", file=sys.stderr)
+    return 0
+
+
+def cmd_export_vae(args) -> int:
+    from sdexport.export.swap_vae import export_vae_into
+
+    manifest = export_vae_into(args.vae, args.into, progress=not args.quiet, command=sys.argv[1:])
+    if not args.quiet:
+        print(describe(manifest))
     return 0
 
 
@@ -426,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdexport", description="Export Stable Diffusion to ONNX / OpenVINO / Core ML / TensorRT and run it without PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_export_parser, _merge_parser, _merge_lora_parser, _generate_parser, _bench_parser, _quality_parser,
+    for add in (_export_parser, _export_vae_parser, _merge_parser, _merge_lora_parser, _generate_parser, _bench_parser, _quality_parser,
                 _demo_parser, _profiles_parser, _inspect_parser):
         add(sub)
     return parser
@@ -449,11 +459,22 @@ def _export_parser(sub) -> None:
                    help="single files: SD 2.x v-models cannot be told from their weights (default for SD 2.x: v)")
     p.add_argument("--few-step", choices=("lcm", "turbo"),
                    help="an LCM(-LoRA) or SD-Turbo-style model: its sampler, steps and guidance as defaults")
+    p.add_argument("--vae", metavar="DIR_OR_FILE", help="export with another VAE: a diffusers AutoencoderKL folder, "
+                   "or one .safetensors in diffusers or original (LDM) names, e.g. vae-ft-mse-840000-ema-pruned")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check against torch")
     p.add_argument("--dry-run", action="store_true", help="resolve and check everything, write a plan manifest, convert nothing")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
+
+
+def _export_vae_parser(sub) -> None:
+    v = sub.add_parser("export-vae", help="export a VAE on its own and make it an artifact's VAE (atomic swap)")
+    v.add_argument("vae", help="a diffusers AutoencoderKL folder, or one .safetensors in diffusers or original (LDM) names")
+    v.add_argument("--into", required=True, metavar="ART", help="the artifact directory whose VAE it replaces "
+                   "(its target, precision and shapes are used; nothing else is re-exported)")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=cmd_export_vae)
 
 
 def _merge_parser(sub) -> None:

@@ -32,6 +32,7 @@ from sdexport.errors import ExportError, OptionError, SourceError
 from sdexport.sources.base import Source
 from sdexport.sources.diffusers import ControlNetSource
 from sdexport.sources.open import open_source, recommended_settings
+from sdexport.sources.vae import VaeSource
 from sdexport.export.targets import get_target
 from sdexport.export.targets.base import ExportOptions, Target
 from sdexport.export.upscaler import write_low_res_scheduler
@@ -150,6 +151,8 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
     check_output_dir(out, options.overwrite, [source_path])  # before any expensive work
     source = open_source(source_path, loras=options.loras, config=options.source_config,
                          prediction_type=options.prediction_type, few_step=options.few_step)
+    if options.vae is not None:  # checked against the U-Net here, before anything is written
+        source = VaeSource.open(source, options.vae)
     target = get_target(options.target)
     if options.precision not in target.precisions:
         raise OptionError(f"target {target.name} supports --precision {', '.join(target.precisions)}, not {options.precision!r}")
@@ -196,6 +199,7 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
                 "libraries": library_versions(),
                 "artifact_hash": artifact_hash(components),
                 "tokenizer_parity": tokenizer_check,
+                "vae_config": source.vae_config,  # what a later single-file VAE swap (export-vae) loads into
             },
             profile=options.profile_record(),
             runtime=run_settings(options, guess_mode_scales(len(info.control_residuals))),

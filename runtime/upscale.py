@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -38,11 +37,24 @@ from runtime.numerics import check_finite
 from runtime.rng import make_rng
 from runtime.schedulers import scheduler_from_config
 
-__all__ = ["Tiling", "UpscaleRequest", "upscale", "tile_starts", "feather", "LOW_RES_SCHEDULER", "DEFAULT_NOISE_LEVEL"]
+__all__ = ["Tiling", "UpscaleRequest", "UpscaleInputError", "Upscaled", "upscale", "tile_starts", "feather", "LOW_RES_SCHEDULER", "DEFAULT_NOISE_LEVEL"]
 
 F32 = np.float32
 LOW_RES_SCHEDULER = "low_res_scheduler/scheduler_config.json"  # where an upscaler export keeps its DDPM config
 DEFAULT_NOISE_LEVEL = 20  # diffusers' default
+
+
+class UpscaleInputError(ValueError):
+    """An upscale argument is invalid (runtime.pipeline raises it as a PipelineInputError)."""
+
+
+@dataclasses.dataclass
+class Upscaled:
+    """What :func:`upscale` returns; ``Pipeline.generate`` wraps it in a ``runtime.pipeline.Result``."""
+
+    images: list[Image.Image]
+    latents: np.ndarray
+    settings: dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +66,10 @@ class Tiling:
     always: bool = False  # tile even an input that fits in one tile (tests: one tile == untiled)
 
     def check(self) -> None:
-        from runtime.pipeline import PipelineInputError
-
         if self.size < 0 or self.overlap < 0:
-            raise PipelineInputError(f"tile size {self.size} and overlap {self.overlap} must not be negative")
+            raise UpscaleInputError(f"tile size {self.size} and overlap {self.overlap} must not be negative")
         if self.size and self.overlap >= self.size:
-            raise PipelineInputError(f"tile overlap {self.overlap} must be smaller than the tile size {self.size}")
+            raise UpscaleInputError(f"tile overlap {self.overlap} must be smaller than the tile size {self.size}")
 
     def grid(self, height: int, width: int) -> list[tuple[slice, slice]] | None:
         """The tiles (row and column slices of the latents), or None to run whole."""
@@ -124,39 +134,35 @@ def load_input(image, what: str = "upscaler input") -> Image.Image:
     """The low-resolution image, refused unless it is 3-channel RGB. diffusers' image processor
     does not convert either (an RGBA or grayscale image reaches its U-Net with 4 or 1 channels and
     fails there); converting would silently choose how to drop alpha or colour for the user."""
-    from runtime.pipeline import PipelineInputError
-
     img = imgproc.load_image(image, what)
     if img.mode != "RGB":
         channels = len(img.getbands())
-        raise PipelineInputError(f"{what} is {img.mode} ({channels} channel{'s' * (channels != 1)}); the x4 upscaler "
+        raise UpscaleInputError(f"{what} is {img.mode} ({channels} channel{'s' * (channels != 1)}); the x4 upscaler "
                                  "takes a 3-channel RGB image: convert it first (e.g. drop the alpha channel)")
     return img
 
 
 def check_request(pipe, image, noise_level, steps, guidance_scale, tiling) -> UpscaleRequest:
-    from runtime.pipeline import PipelineInputError
-
     max_level = pipe.info.max_noise_level
     if max_level is None:
-        raise PipelineInputError("this export has no max_noise_level; re-export the upscaler with this sdexport")
+        raise UpscaleInputError("this export has no max_noise_level; re-export the upscaler with this sdexport")
     noise_level = DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
     if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)) or not 0 <= noise_level <= max_level:
-        raise PipelineInputError(f"noise level {noise_level}: must be an integer in [0, {max_level}] for this upscaler")
+        raise UpscaleInputError(f"noise level {noise_level}: must be an integer in [0, {max_level}] for this upscaler")
     if image is None:
-        raise PipelineInputError("the x4 upscaler needs an input image (--image LOW.png)")
+        raise UpscaleInputError("the x4 upscaler needs an input image (--image LOW.png)")
     recommended = pipe.info.recommended or {}
     steps = int(steps if steps is not None else recommended.get("steps", 75))
     if steps < 1:
-        raise PipelineInputError(f"steps {steps}: must be at least 1")
+        raise UpscaleInputError(f"steps {steps}: must be at least 1")
     guidance_scale = float(guidance_scale if guidance_scale is not None else recommended.get("guidance_scale", 9.0))
     if not np.isfinite(guidance_scale):
-        raise PipelineInputError(f"guidance scale {guidance_scale}: expected a finite number")
+        raise UpscaleInputError(f"guidance scale {guidance_scale}: expected a finite number")
     tiling = tiling or Tiling()
     tiling.check()
     img = load_input(image)
     if min(img.size) < pipe.info.vae_scale_factor:
-        raise PipelineInputError(f"upscaler input is {img.width}x{img.height}; it needs at least "
+        raise UpscaleInputError(f"upscaler input is {img.width}x{img.height}; it needs at least "
                                  f"{pipe.info.vae_scale_factor} pixels a side")
     return UpscaleRequest(img, int(noise_level), steps, guidance_scale, tiling)
 
@@ -182,16 +188,11 @@ def low_res_scheduler(pipe):
     return scheduler_from_config(config, path=str(path))
 
 
-def upscale(pipe, prompt: str | Sequence[str], negative_prompt=None, *, image, noise_level=None, steps=None,
+def upscale(pipe, prompts: Sequence[str], negatives: Sequence[str], *, image, noise_level=None, steps=None,
             guidance_scale=None, scheduler=None, seed: int = 0, rng: str = "numpy", tiling: Tiling | None = None,
-            callback=None, progress: bool = False, return_latents: bool = False):
-    """The upscaled image(s) of ``image``, as a :class:`runtime.pipeline.Result` (see the module doc)."""
-    from runtime.pipeline import Result, _prompt_lists
-
-    t_start = time.perf_counter()
-    pipe.timings.clear()
-    pipe.calls.clear()
-    prompts, negatives = _prompt_lists(prompt, negative_prompt)
+            callback=None, progress: bool = False) -> Upscaled:
+    """The upscaled image(s) of ``image`` (see the module doc); ``pipe`` is a runtime.pipeline.Pipeline
+    (its sessions, tokenizer, scheduler and timings), the prompt lists already checked."""
     req = check_request(pipe, image, noise_level, steps, guidance_scale, tiling)
     noise_rng = make_rng(seed, rng)
     sched = pipe.make_scheduler(scheduler)
@@ -200,7 +201,11 @@ def upscale(pipe, prompt: str | Sequence[str], negative_prompt=None, *, image, n
     if do_cfg:
         embeddings = np.concatenate([pipe.encode_prompts(negatives), embeddings])
     low_res = preprocess(req.image, pipe.info.vae_scale_factor)
-    sched.set_timesteps(req.steps)
+    try:
+        sched.set_timesteps(req.steps)
+        sched.check_step_count(req.steps)
+    except ValueError as e:  # a count the schedule cannot give: refused before the loop
+        raise UpscaleInputError(f"{type(sched).__name__}: {e}") from None
     timesteps = np.asarray(sched.timesteps)
     # diffusers' order of draws: the low-resolution image's noise, then the latents.
     noise = noise_rng.randn(low_res.shape)
@@ -215,10 +220,7 @@ def upscale(pipe, prompt: str | Sequence[str], negative_prompt=None, *, image, n
                        callback, progress)
     check_finite("unet", latents, pipe.manifest.component("unet").precision)
     images = _decode(pipe, latents, tiles, req.tiling.overlap)
-    pipe.timings["total"] = time.perf_counter() - t_start
-    settings = _settings(pipe, prompts, negatives, req, seed, rng, scheduler, latents.shape, tiles)
-    return Result(images, latents if return_latents else None, seed, settings, dict(pipe.timings), dict(pipe.calls),
-                  "the upscaler runs the numpy loop")
+    return Upscaled(images, latents, _settings(pipe, prompts, negatives, req, seed, rng, scheduler, latents.shape, tiles))
 
 
 def _denoise(pipe, sched, timesteps, latents, cond, labels, embeddings, req: UpscaleRequest, do_cfg, tiles, rng,

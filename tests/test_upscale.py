@@ -156,3 +156,25 @@ def test_noise_level_out_of_range_is_one_line(exports, low_res, tmp_path, capsys
                         "--noise-level", level, "--output", out, "--quiet")
     assert_one_line_error(code, err, f"noise level {level}", "[0, 350]")
     assert not out.exists()
+
+
+def test_bench_shows_the_upscale_step(exports, upscaler, tmp_path):
+    import json
+
+    assert main(["bench", str(exports["onnx"]), "--reference", str(upscaler), "--height", str(4 * LOW), "--width",
+                 str(4 * LOW), "--steps", "2", "--repeats", "1", "--seeds", "1", "--prompt", PROMPT, "--no-cold-start",
+                 "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    (run,) = data["runs"]
+    assert run["task"] == "x4 upscale 32x32 -> 128x128, noise level 20"
+    assert run["runtime_step_ms"] > 0 and run["pytorch_step_ms"] > 0 and len(run["latent_psnr_per_step_db"]) == 2
+    assert run["image_psnr_db"] is None or run["image_psnr_db"] >= MIN_PSNR
+    assert "unet" in data["components"] and "Upscale step (x4 upscale 32x32 -> 128x128" in (tmp_path / "b" / "bench.md").read_text()
+
+
+def test_sizes_do_not_apply_to_the_upscaler(exports, low_res, tmp_path, capsys):
+    out = tmp_path / "up.png"
+    code, err = run_cli(capsys, "generate", exports["onnx"], "--prompt", PROMPT, "--image", low_res, "--steps", 1,
+                        "--height", 256, "--width", 256, "--output", out, "--quiet")
+    assert_one_line_error(code, err, "--height")
+    assert not out.exists()

@@ -158,6 +158,7 @@ def test_noise_level_out_of_range_is_one_line(exports, low_res, tmp_path, capsys
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_bench_shows_the_upscale_step(exports, upscaler, tmp_path):
     import json
 

@@ -76,11 +76,22 @@ def image_file(tmp_path_factory) -> Path:
     return path
 
 
-def _diffusers(model: Path, vae_dir: Path, kind: str, image: Path | None) -> np.ndarray:
+@pytest.fixture(scope="module")
+def reference_pipes(tiny_sd1):
+    """diffusers' txt2img and img2img pipelines on the tiny model, loaded once (sharing their modules)."""
+    import diffusers
+
+    txt2img = load_pipeline(tiny_sd1, "txt2img", None)
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**txt2img.components)
+    img2img.set_progress_bar_config(disable=True)
+    return {"txt2img": txt2img, "img2img": img2img}
+
+
+def _diffusers(pipes, vae_dir: Path, kind: str, image: Path | None) -> np.ndarray:
     import torch
     from diffusers import AutoencoderKL
 
-    pipe = load_pipeline(model, kind, None)
+    pipe = pipes[kind]
     pipe.vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()  # the swap as a diffusers user does it
     extra = {"image": Image.open(image), "strength": 0.6} if image else {"height": SIZE, "width": SIZE}
     with torch.no_grad():
@@ -96,9 +107,9 @@ def _ours(artifact: Path, out: Path, image: Path | None) -> np.ndarray:
     return np.asarray(Image.open(out).convert("RGB"), np.float64)
 
 
-def _check_both(artifact: Path, model: Path, vae_dir: Path, image: Path, tmp_path: Path, label: str) -> None:
+def _check_both(artifact: Path, pipes, vae_dir: Path, image: Path, tmp_path: Path, label: str) -> None:
     for kind, given in (("txt2img", None), ("img2img", image)):
-        value = psnr(_diffusers(model, vae_dir, kind, given), _ours(artifact, tmp_path / f"{kind}.png", given), peak=255.0)
+        value = psnr(_diffusers(pipes, vae_dir, kind, given), _ours(artifact, tmp_path / f"{kind}.png", given), peak=255.0)
         print(f"{label} {kind}: {value:.1f} dB against diffusers with the same VAE")
         assert value >= MIN_PSNR, f"{label} {kind}: PSNR {value:.1f} dB < {MIN_PSNR} dB"
 
@@ -124,16 +135,16 @@ def test_single_files_load_the_folders_weights(vaes, tiny_sd1):
         assert all(torch.equal(state[k], reference[k]) for k in reference), name
 
 
-def test_export_with_vae_equals_diffusers(swapped, tiny_sd1, vaes, image_file, tmp_path):
+def test_export_with_vae_equals_diffusers(swapped, reference_pipes, vaes, image_file, tmp_path):
     manifest = Manifest.load(swapped)
     recorded = manifest.exporter["source_details"]["vae"]
     weights = vaes["other"] / "diffusion_pytorch_model.safetensors"
     assert recorded["layout"] == "diffusers-folder"
     assert recorded["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    _check_both(swapped, tiny_sd1, vaes["other"], image_file, tmp_path, "export --vae")
+    _check_both(swapped, reference_pipes, vaes["other"], image_file, tmp_path, "export --vae")
 
 
-def test_export_vae_into_replaces_only_the_vae(swapped, tiny_sd1, vaes, image_file, tmp_path):
+def test_export_vae_into_replaces_only_the_vae(swapped, reference_pipes, vaes, image_file, tmp_path):
     art = tmp_path / "art"
     shutil.copytree(swapped, art)
     before = Manifest.load(art)
@@ -147,7 +158,7 @@ def test_export_vae_into_replaces_only_the_vae(swapped, tiny_sd1, vaes, image_fi
     assert after.exporter["artifact_hash"] != before.exporter["artifact_hash"]
     assert after.exporter["vae_swap"]["vae"]["layout"] == "ldm"
     assert not [p for p in art.iterdir() if p.name.startswith(".")]  # no stage left behind
-    _check_both(art, tiny_sd1, vaes["third"], image_file, tmp_path, "export-vae --into")
+    _check_both(art, reference_pipes, vaes["third"], image_file, tmp_path, "export-vae --into")
 
 
 def test_latent_channel_mismatch_is_one_line(swapped, tiny_sd1, vaes, tmp_path, capsys):

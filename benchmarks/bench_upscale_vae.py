@@ -97,16 +97,20 @@ def vae_swaps(work: Path) -> list[dict]:
         save_safetensors(work / f"{name}-ldm.safetensors",
                          {k.removeprefix("first_stage_model."): v for k, v in to_original("vae", state, config).items()})
     sample_image(64).save(work / "image.png")
-    art = work / "sd1-vae"
-    assert main(["export", str(model), "--out", str(art), "--vae", str(work / "other"), "--quiet", "--overwrite"]) == 0
-    rows = _swap_rows("export --vae other/ (diffusers folder)", art, model, work / "other", work)
-    art2 = work / "sd1-swapped"
-    shutil.rmtree(art2, ignore_errors=True)
-    shutil.copytree(art, art2)
-    start = time.perf_counter()
-    assert main(["export-vae", str(work / "third-ldm.safetensors"), "--into", str(art2), "--quiet"]) == 0
-    seconds = round(time.perf_counter() - start, 1)
-    rows += _swap_rows(f"export-vae third-ldm.safetensors (LDM names) --into, {seconds} s", art2, model, work / "third", work)
+    rows = []
+    for target in ("onnx", "openvino"):
+        art = work / f"sd1-vae-{target}"
+        assert main(["export", str(model), "--target", target, "--out", str(art), "--vae", str(work / "other"),
+                     "--quiet", "--overwrite"]) == 0
+        rows += _swap_rows(f"{target}: export --vae other/ (diffusers folder)", art, model, work / "other", work)
+        art2 = work / f"sd1-swapped-{target}"
+        shutil.rmtree(art2, ignore_errors=True)
+        shutil.copytree(art, art2)
+        start = time.perf_counter()
+        assert main(["export-vae", str(work / "third-ldm.safetensors"), "--into", str(art2), "--quiet"]) == 0
+        seconds = round(time.perf_counter() - start, 1)
+        rows += _swap_rows(f"{target}: export-vae third-ldm.safetensors (LDM names) --into, {seconds} s", art2, model,
+                           work / "third", work)
     return rows
 
 
@@ -143,7 +147,7 @@ def markdown(data: dict) -> str:
               "| input | tile | overlap | tiles | image PSNR dB vs untiled | untiled s | tiled s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['input']}x{r['input']} | {r['tile']} | {r['overlap']} | {r['tiles']} | {fmt(r['psnr_db_vs_untiled'])} | "
               f"{r['untiled_s']} | {r['tiled_s']} |" for r in data["upscaler"]["tiling"]]
-    lines += ["", "## VAE swaps vs diffusers with pipe.vae = the same VAE (ONNX Runtime, 64x64)", "",
+    lines += ["", "## VAE swaps vs diffusers with pipe.vae = the same VAE (64x64)", "",
               "| swap | task | image PSNR dB |", "|---|---|---|"]
     lines += [f"| {r['swap']} | {r['task']} | {fmt(r['psnr_db'])} |" for r in data["vae_swaps"]]
     return "\n".join(lines)

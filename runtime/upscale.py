@@ -42,6 +42,7 @@ __all__ = ["Tiling", "UpscaleRequest", "UpscaleInputError", "Upscaled", "upscale
 F32 = np.float32
 LOW_RES_SCHEDULER = "low_res_scheduler/scheduler_config.json"  # where an upscaler export keeps its DDPM config
 DEFAULT_NOISE_LEVEL = 20  # diffusers' default
+MIN_TILE = 8  # input pixels: smaller tiles leave the U-Net's deepest level under one cell
 
 
 class UpscaleInputError(ValueError):
@@ -68,6 +69,8 @@ class Tiling:
     def check(self) -> None:
         if self.size < 0 or self.overlap < 0:
             raise UpscaleInputError(f"tile size {self.size} and overlap {self.overlap} must not be negative")
+        if 0 < self.size < MIN_TILE:
+            raise UpscaleInputError(f"tile size {self.size}: use 0 (no tiling) or at least {MIN_TILE} input pixels")
         if self.size and self.overlap >= self.size:
             raise UpscaleInputError(f"tile overlap {self.overlap} must be smaller than the tile size {self.size}")
 

@@ -184,16 +184,16 @@ class ShapesOptions(Section):
 
     def size_for(self, family) -> tuple[int, int] | None:
         """Static (height, width) for a model (a sdexport.sources.family.ModelFamily; None: unknown, then
-        the SD 1.x entry, the size these profiles had before they knew families), or None if dynamic."""
+        the SD 1.x entry, the size these profiles had before they knew families), or None if dynamic:
+        the family's entry in ``sizes``, else the profile's one height and width, else the model's own size."""
         if not self.static:
             return None
+        size = (self.sizes or {}).get(family.name if family is not None else "sd1")
+        if size is not None:
+            return (size, size) if isinstance(size, int) else (size[0], size[1])
         if self.height is not None and self.width is not None:
-            return self.height, self.width  # one size for every family, as the profile says
-        name = family.name if family is not None else "sd1"
-        size = (self.sizes or {}).get(name)
-        if size is None:
-            return (family.height, family.width) if family is not None else None
-        return (size, size) if isinstance(size, int) else (size[0], size[1])
+            return self.height, self.width
+        return (family.height, family.width) if family is not None else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,11 +124,11 @@ def resolve(profile: str | None, *, target=None, precision=None, height=None, wi
     p = load(profile) if profile else Profile("custom", None, {})
     shapes = options.ShapesOptions.from_table(p.data.get("shapes", {}))
     if height is None and width is None and shapes.static:
-        per_family = shapes.sizes and (shapes.height is None or shapes.width is None)
-        size = shapes.size_for(_model_family(model, flags) if per_family else None)
+        needs_family = bool(shapes.sizes) or shapes.height is None or shapes.width is None
+        size = shapes.size_for(_model_family(model, flags) if needs_family else None)
         if size is None:
-            raise OptionError(f"profile {p.name}: no static size for a model of unknown family (its shapes.sizes has "
-                              f"no sd1 entry); pass --height and --width")
+            raise OptionError(f"profile {p.name}: no static size for a model of unknown family (no shapes.sizes sd1 "
+                              f"entry, no shapes.height and width); pass --height and --width")
         height, width = size
     if batch is None and shapes.static:
         batch = shapes.batch

@@ -116,3 +116,20 @@ def test_incomplete_sdxl_files_are_named(drop, needle):
     with pytest.raises(SourceError, match=needle) as e:
         SingleFileSource.from_checkpoint(_virtual("sdxl-base", drop))
     assert "\n" not in str(e.value)
+
+
+def test_sdxl_checkpoints_merge(tmp_path, sdxl):
+    """Checkpoint merging (names-based, streamed) takes SDXL files now that they are recognised as models."""
+    from sdexport.sources.merge import merge_checkpoints
+
+    pipe_a, folder, file_a = sdxl["base"]
+    pipe_b = build_tiny_sdxl(seed=5)
+    file_b = write_single_file(PipelineSource(pipe_b), tmp_path / "b.safetensors")
+    merge_checkpoints(file_a, file_b, 0.25, tmp_path / "merged.safetensors")
+    merged = open_source(tmp_path / "merged.safetensors", config=folder).load_text_encoder_2().state_dict()
+    a, b = pipe_a.text_encoder_2.state_dict(), pipe_b.text_encoder_2.state_dict()
+    for k in merged:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(merged[k], 0.75 * a[k] + 0.25 * b[k], rtol=1e-6, atol=1e-6)
+    with pytest.raises(SourceError, match="merge models of the same family"):
+        merge_checkpoints(file_a, sdxl["refiner"][2], 0.5, tmp_path / "mixed.safetensors")

@@ -83,7 +83,7 @@ def _virtual(family: str, drop: tuple[str, ...] = ()) -> Checkpoint:
 
 
 @pytest.mark.parametrize("family, tensors, parts", [
-    ("sdxl-base", 2515, 4),  # the tensor count of sd_xl_base_1.0.safetensors
+    ("sdxl-base", 2515, 4),  # with CLIP-L's position_ids and bigG's logit_scale, as SGM writes them
     ("sdxl-refiner", 1858, 3),
 ])
 def test_detects_full_size_sdxl(family, tensors, parts):

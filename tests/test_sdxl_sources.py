@@ -133,3 +133,14 @@ def test_sdxl_checkpoints_merge(tmp_path, sdxl):
             torch.testing.assert_close(merged[k], 0.75 * a[k] + 0.25 * b[k], rtol=1e-6, atol=1e-6)
     with pytest.raises(SourceError, match="merge models of the same family"):
         merge_checkpoints(file_a, sdxl["refiner"][2], 0.5, tmp_path / "mixed.safetensors")
+
+
+def test_sdxl_under_diffusers_names_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "x.safetensors"
+    save_file({"unet.conv_in.weight": torch.zeros(8, 4, 3, 3), "unet.add_embedding.linear_1.weight": torch.zeros(8, 8),
+               "vae.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3), "text_encoder.final_layer_norm.weight": torch.zeros(8),
+               "text_encoder_2.text_projection.weight": torch.zeros(8, 8)}, str(path))
+    with pytest.raises(SourceError, match="an SDXL checkpoint under diffusers names"):
+        open_source(path)

@@ -116,6 +116,9 @@ def detect(tensors: Mapping[str, TensorInfo], path: Path | str = "checkpoint") -
     elif "unet.conv_in.weight" in tensors and any(k.startswith("vae.") for k in tensors) and any(
             k.startswith("text_encoder.") for k in tensors):
         layout, conv_in, unet_prefix = "diffusers", "unet.conv_in.weight", "unet."
+        if "unet.add_embedding.linear_1.weight" in tensors or any(k.startswith("text_encoder_2.") for k in tensors):
+            raise SourceError(f"{path}: an SDXL checkpoint under diffusers names (unet./text_encoder_2. prefixes): "
+                              f"export its diffusers folder, or an A1111/ComfyUI single file")
         # Names do not tell CLIP from OpenCLIP here; SD 2.x's cross-attention is 1024 wide.
         text = "openclip" if _cross_dim(tensors, unet_prefix) == 1024 else "clip"
     else:

@@ -148,3 +148,20 @@ def test_lora_of_the_other_family_is_one_line(tmp_path, sdxl_model, tiny_sd1, lo
     with pytest.raises(SourceError, match=f"a LoRA for {expected}") as e:
         open_source(target["path"], config=target.get("config"), loras=[files[lora]])
     assert "\n" not in str(e.value)
+
+
+def test_sdxl_merged_lora_equals_both(tmp_path, sdxl_model):
+    """merge-lora on an SDXL model, written in both layouts (text_encoder_2. / lora_te2_ keys), fuses as its inputs."""
+    from sdexport.sources.lora import merge_loras
+
+    model = open_source(sdxl_model["file"], config=sdxl_model["folder"])
+    both = _fused(open_source(sdxl_model["file"], config=sdxl_model["folder"],
+                              loras=[(sdxl_model["a"], 0.7), (sdxl_model["b-kohya"], 0.5)]))
+    for layout, prefix in (("diffusers", "text_encoder_2."), ("kohya", "lora_te2_")):
+        merged = merge_loras([f"{sdxl_model['a']}:0.7", f"{sdxl_model['b-kohya']}:0.5"],
+                             tmp_path / f"ab-{layout}.safetensors", layout=layout, model=model)
+        assert any(k.startswith(prefix) for k in load_file(str(merged)))
+        ours = _fused(open_source(sdxl_model["file"], config=sdxl_model["folder"], loras=[merged]))
+        for part in PARTS:
+            for k in ours[part]:
+                torch.testing.assert_close(ours[part][k], both[part][k], rtol=0, atol=1e-6, msg=f"{layout} {part} {k}")

@@ -114,3 +114,14 @@ def test_family_of_full_size_sdxl_single_file():
     source = SingleFileSource.from_checkpoint(_virtual("sdxl-refiner"))
     assert family_of_source(source) == SDXL
     assert json.loads((source.path / "model_index.json").read_text())["requires_aesthetics_score"] is True
+
+
+def test_cli_sizes_a_static_profile_for_the_model(tmp_path, tiny_sd1):
+    """The CLI hands the model to the profile: the tiny SD 1.x model gets the profile's sd1 size."""
+    from runtime.manifest import Manifest
+    from sdexport.cli import main
+
+    out = tmp_path / "plan"
+    assert main(["export", str(tiny_sd1), "--profile", "jetson-orin", "--out", str(out), "--dry-run", "--quiet"]) == 0
+    shape = Manifest.load(out, check_files=False).runtime.static_shape
+    assert (shape.height, shape.width) == (512, 512)

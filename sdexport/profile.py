@@ -105,12 +105,22 @@ def _shape_listing(shapes: Mapping[str, Any]) -> str:
 
 
 def _model_family(model, flags: Mapping[str, Any]):
-    """A ModelFamily from what ``resolve`` was given: one, a model path (opened, no weights read), or None."""
+    """A ModelFamily from what ``resolve`` was given: one, a model path (its configs read, or the single
+    file opened as its export opens it: no weights are read, errors are the export's), or None."""
     if model is None or hasattr(model, "name"):
         return model
-    from sdexport.sources.family import family_of_path
+    from sdexport.sources.family import family_of_folder, family_of_source
+    from sdexport.sources.open import open_source
 
-    return family_of_path(model, config=flags.get("source_config"), prediction_type=flags.get("prediction_type"))
+    config = flags.get("source_config")
+    found = family_of_folder(Path(model)) if config is None else None
+    if found is not None:
+        return found
+    source = open_source(model, config=config, prediction_type=flags.get("prediction_type"))
+    try:
+        return family_of_source(source)
+    finally:
+        getattr(source, "close", lambda: None)()
 
 
 def resolve(profile: str | None, *, target=None, precision=None, height=None, width=None, batch=None, cfg=None,

@@ -10,6 +10,7 @@ sample at the same size). A model's own size is its U-Net's ``sample_size`` time
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Mapping
 
@@ -51,30 +52,17 @@ def family_of_source(source) -> ModelFamily:
     return family_of_configs(source.unet_config, source.vae_config, source.scheduler_config)
 
 
-def family_of_path(path: str | Path, config: str | Path | None = None,
-                   prediction_type: str | None = None) -> ModelFamily:
-    """Read a model's configs to tell its family (no weights are read): a diffusers folder's own (an SDXL
-    refiner's has no tokenizer/ or text_encoder/), a single file's as its export opens it; SourceError
-    as the export would give."""
-    from sdexport.sources.open import open_source
-
-    folder = Path(path)
+def family_of_folder(folder: Path) -> ModelFamily | None:
+    """A diffusers folder's family from its own configs (no weights; an SDXL refiner's folder has no
+    tokenizer/ or text_encoder/), or None if it is not such a folder."""
     parts = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
-    if config is None and folder.is_dir() and all((folder / p / n).is_file() for p, n in parts.items()):
-        configs = {p: _read_json(folder / p / n) for p, n in parts.items()}
-        return family_of_configs(configs["unet"], configs["vae"], configs["scheduler"])
-    source = open_source(path, config=config, prediction_type=prediction_type)
-    try:
-        return family_of_source(source)
-    finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
+    if not (folder.is_dir() and all((folder / p / n).is_file() for p, n in parts.items())):
+        return None
+    configs = {p: _read_json(folder / p / n) for p, n in parts.items()}
+    return family_of_configs(configs["unet"], configs["vae"], configs["scheduler"])
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

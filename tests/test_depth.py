@@ -1,0 +1,323 @@
+"""Depth-to-image and the depth preprocessor against diffusers and transformers, same seed and image.
+
+- numpy pieces: torch's bicubic interpolation; DPTImageProcessor's preprocessing (several configs).
+- the exported DPT + numpy preprocessing against transformers' processor + model (PSNR >= 45 dB),
+  and the latent-size depth condition against diffusers' prepare_depth_map.
+- StableDiffusionDepth2ImgPipeline, depth estimated by the exported DPT, on ONNX Runtime and
+  OpenVINO (rng torch): image PSNR >= 45 dB; and with a depth map the user gives.
+- ``--preprocess depth`` with a depth ControlNet against diffusers' ControlNet pipeline fed with
+  transformers' depth-estimation pipeline output (the diffusers docs' recipe).
+- bad inputs: one line, nothing written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from runtime.depth import DptProcessorConfig, bicubic_resize, dpt_pixel_values
+from runtime.metrics import psnr
+from runtime.pipeline import Pipeline
+from sdexport.cli import main
+from tests.reference import sample_image
+from tests.test_cli_errors import assert_one_line_error, run_cli
+
+MIN_PSNR = 45.0
+SIZE = 64
+STEPS = 3
+PROMPT = "a room with a chair"
+
+
+def save_tiny_depth_pipeline(out, seed: int = 0):
+    """A StableDiffusionDepth2ImgPipeline at toy width: SD 2 tiny parts with a 5-channel U-Net and a
+    4-layer ViT DPT (hidden 32, patch 8, 32x32 input). The DPT's weights are drawn wider than its
+    init so that the depth map has structure (its init gives values near 1e-8)."""
+    import diffusers
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    from sdexport.demo.tiny import TINY_SPECS, build_tiny_components
+    import dataclasses
+
+    parts = build_tiny_components(dataclasses.replace(TINY_SPECS["sd2-v"], name="depth", unet_in_channels=5), seed)
+    torch.manual_seed(seed + 5)
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32,
+                       patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 16, 32, 32],
+                       fusion_hidden_size=16, is_hybrid=False)
+    dpt = DPTForDepthEstimation(config).eval()
+    with torch.no_grad():
+        for p in dpt.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.9 / p[0].numel() ** 0.5)
+    processor = DPTImageProcessor(size={"height": 32, "width": 32})
+    pipe = diffusers.StableDiffusionDepth2ImgPipeline(**parts, depth_estimator=dpt, feature_extractor=processor)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_depth(tmp_path_factory):
+    return save_tiny_depth_pipeline(tmp_path_factory.mktemp("tiny-depth") / "model")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_depth):
+    import diffusers
+
+    pipe = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(str(tiny_depth))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_depth):
+    """target -> artifact, each exported once (ONNX validated against torch at export)."""
+    from sdexport.export.run import export
+    from sdexport.export.targets.base import ExportOptions
+
+    made = {}
+
+    def get(target):
+        if target not in made:
+            out = tmp_path_factory.mktemp(f"depth-{target}") / "out"
+            export(tiny_depth, out, ExportOptions(target=target, validate=target == "onnx"), progress=False)
+            made[target] = out
+        return made[target]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("depth-inputs") / "photo.png"
+    sample_image(SIZE, seed=3).save(path)
+    return path
+
+
+def _image_psnr(a: Image.Image, b: Image.Image) -> float:
+    return psnr(np.asarray(a, np.float64), np.asarray(b, np.float64), peak=255.0)
+
+
+# --- numpy pieces ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, size", [((2, 1, 64, 64), (8, 8)), ((1, 1, 32, 24), (96, 100)),
+                                         ((3, 1, 7, 5), (13, 3)), ((1, 1, 384, 384), (96, 72))])
+def test_bicubic_matches_torch(shape, size):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 3
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bicubic", align_corners=False).numpy()
+    got = bicubic_resize(x, *size)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    # float32 rounding of the weights and sums only: ~1e-6 of the range
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(x).max()
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(size={"height": 32, "width": 32}),
+    dict(size={"height": 48, "width": 40}, resample=2),
+    dict(size={"height": 32, "width": 32}, keep_aspect_ratio=True, ensure_multiple_of=8),
+    dict(size={"height": 384, "width": 384}, keep_aspect_ratio=True, ensure_multiple_of=32,
+         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
+])
+def test_dpt_preprocessing_matches_transformers(kwargs):
+    from transformers import DPTImageProcessor
+
+    image = sample_image(64, seed=1).resize((80, 56))
+    processor = DPTImageProcessor(**kwargs)
+    ref = processor(images=image, return_tensors="np").pixel_values
+    got = dpt_pixel_values(image, DptProcessorConfig.from_preprocessor_config(processor.to_dict()))
+    assert got.shape == ref.shape
+    np.testing.assert_array_equal(got, ref)
+
+
+# --- the exported depth estimator ----------------------------------------------------------------
+
+
+def test_depth_estimator_component(artifacts):
+    from runtime.manifest import Manifest
+
+    m = Manifest.load(artifacts("onnx"))
+    assert m.model.family == "depth" and m.model.unet_in_channels == 5
+    c = m.component("depth_estimator")
+    assert c.role == "depth_estimator" and [t.shape for t in c.inputs] == [("B", 3, 32, 32)]
+    assert c.details["image_processor"]["height"] == 32 and c.details["image_processor"]["resample"] == 3
+    assert c.parity["psnr_db"] is None or c.parity["psnr_db"] >= 60
+
+
+def test_depth_map_matches_transformers(artifacts, reference, photo):
+    """Exported DPT + numpy preprocessing vs transformers' processor + model, then the condition the
+    U-Net sees vs diffusers' prepare_depth_map."""
+    image = Image.open(photo)
+    pipe = Pipeline.from_dir(artifacts("onnx"))
+    ours = pipe.estimate_depth(image)
+    with torch.no_grad():
+        pixels = reference.feature_extractor(images=image, return_tensors="pt").pixel_values
+        theirs = reference.depth_estimator(pixels).predicted_depth.numpy()
+    assert ours.shape == theirs.shape == (1, 64, 64) and theirs.std() > 0
+    value = psnr(theirs, ours)
+    print(f"depth map PSNR {value:.1f} dB")
+    assert value >= MIN_PSNR
+    from runtime.depth import depth_condition
+
+    with torch.no_grad():
+        expected = reference.prepare_depth_map(image, None, 1, False, torch.float32, torch.device("cpu")).numpy()
+    got = depth_condition(ours, SIZE // 8, SIZE // 8)
+    assert got.shape == expected.shape == (1, 1, 8, 8)
+    assert psnr(expected, got) >= MIN_PSNR
+
+
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_depth2img_equals_diffusers(artifacts, reference, photo, target):
+    image = Image.open(photo)
+    with torch.no_grad():
+        theirs = reference(PROMPT, image=image, num_inference_steps=STEPS, strength=0.8,
+                           generator=torch.Generator().manual_seed(4)).images[0]
+    result = Pipeline.from_dir(artifacts(target)).generate(PROMPT, image=photo, steps=STEPS, strength=0.8, seed=4,
+                                                           rng="torch")
+    value = _image_psnr(theirs, result.image)
+    print(f"depth2img {target}: PSNR {value:.1f} dB, depth estimator {result.timings['depth_estimator'] * 1e3:.1f} ms")
+    assert value >= MIN_PSNR
+    assert result.calls["depth_estimator"] == 1
+
+
+def test_depth2img_with_given_depth_map(artifacts, reference, photo, tmp_path):
+    """--depth-map: a 16-bit map of the image's size replaces the estimator, as diffusers' depth_map."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    depth = (x * 700 + (y - 20) ** 2 * 30).astype(np.uint16)
+    Image.fromarray(depth).save(tmp_path / "depth.png")
+    assert Image.open(tmp_path / "depth.png").mode.startswith("I")
+    with torch.no_grad():
+        theirs = reference(PROMPT, image=Image.open(photo), depth_map=torch.from_numpy(depth.astype(np.float32))[None],
+                           num_inference_steps=STEPS, strength=0.9, generator=torch.Generator().manual_seed(2)).images[0]
+    out = tmp_path / "out.png"
+    code = main(["generate", str(artifacts("onnx")), "--prompt", PROMPT, "--image", str(photo), "--depth-map",
+                 str(tmp_path / "depth.png"), "--steps", str(STEPS), "--strength", "0.9", "--seed", "2", "--rng", "torch",
+                 "--output", str(out), "--quiet"])
+    assert code == 0
+    value = _image_psnr(theirs, Image.open(out).convert("RGB"))
+    print(f"depth2img with a given depth map: PSNR {value:.1f} dB")
+    assert value >= MIN_PSNR
+    # the depth channel matters: the estimated depth gives another image
+    estimated = Pipeline.from_dir(artifacts("onnx")).generate(PROMPT, image=photo, steps=STEPS, strength=0.9, seed=2,
+                                                              rng="torch").image
+    assert _image_psnr(estimated, Image.open(out).convert("RGB")) < 40
+
+
+# --- the depth preprocessor for ControlNets -----------------------------------------------------
+
+
+def test_depth_control_image_matches_transformers_pipeline(artifacts, reference, photo):
+    """Pipeline.depth_control_image (what --preprocess depth runs) vs transformers' depth-estimation
+    pipeline's "depth" image, replicated to RGB as diffusers' depth ControlNet example does."""
+    from transformers import pipeline
+
+    estimator = pipeline("depth-estimation", model=reference.depth_estimator, image_processor=reference.feature_extractor)
+    expected = np.asarray(estimator(Image.open(photo))["depth"])
+    ours = Pipeline.from_dir(artifacts("onnx")).depth_control_image(photo)
+    assert ours.mode == "RGB" and ours.size == (SIZE, SIZE)
+    got = np.asarray(ours)
+    assert (got[..., 0] == got[..., 1]).all() and (got[..., 0] == got[..., 2]).all()
+    value = psnr(expected.astype(np.float64), got[..., 0].astype(np.float64), peak=255.0)
+    print(f"depth control image PSNR {value:.1f} dB")
+    assert value >= MIN_PSNR
+
+
+@pytest.mark.slow
+def test_preprocess_depth_with_a_controlnet(tmp_path_factory, tiny_sd1, tiny_controlnets, tiny_depth, photo):
+    """export --controlnet depth=... --depth-estimator DIR, generate --preprocess depth == diffusers'
+    ControlNet pipeline on transformers' depth image."""
+    from diffusers import ControlNetModel
+    from transformers import DPTForDepthEstimation, DPTImageProcessor, pipeline
+
+    from tests.reference import diffusers_image
+
+    root = tmp_path_factory.mktemp("depth-cn")
+    artifact = root / "art"
+    assert main(["export", str(tiny_sd1), "--out", str(artifact), "--controlnet", f"depth={tiny_controlnets['depth']}",
+                 "--depth-estimator", str(tiny_depth), "--no-validate", "--quiet"]) == 0
+    out = root / "out.png"
+    assert main(["generate", str(artifact), "--prompt", PROMPT, "--control", f"depth={photo}", "--preprocess", "depth",
+                 "--steps", str(STEPS), "--seed", "6", "--rng", "torch", "--scheduler", "euler",
+                 "--height", str(SIZE), "--width", str(SIZE), "--output", str(out), "--quiet"]) == 0
+    estimator = pipeline("depth-estimation", model=DPTForDepthEstimation.from_pretrained(str(tiny_depth / "depth_estimator")),
+                         image_processor=DPTImageProcessor.from_pretrained(str(tiny_depth / "feature_extractor")))
+    depth = np.asarray(estimator(Image.open(photo))["depth"])[:, :, None]
+    control = Image.fromarray(np.concatenate([depth, depth, depth], axis=2))
+    theirs = diffusers_image(tiny_sd1, "control", "euler", 6, controlnets=[ControlNetModel.from_pretrained(str(tiny_controlnets["depth"]))],
+                             prompt=PROMPT, image=control, num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    value = _image_psnr(theirs, Image.open(out).convert("RGB"))
+    print(f"--preprocess depth with a depth ControlNet: PSNR {value:.1f} dB")
+    assert value >= MIN_PSNR
+
+
+# --- bad inputs: one line, nothing written --------------------------------------------------------
+
+
+def _generate_args(artifact, out, *extra):
+    return ["generate", artifact, "--prompt", PROMPT, "--steps", "2", "--output", out, *extra]
+
+
+@pytest.mark.parametrize("case", ["wrong-size", "rgb", "unreadable-depth", "unreadable-image", "no-image", "constant"])
+def test_bad_depth_inputs(artifacts, photo, tmp_path, capsys, case):
+    artifact, out = artifacts("onnx"), tmp_path / "out.png"
+    depth = tmp_path / "depth.png"
+    image = photo
+    needles = {"wrong-size": ("is 32x48 but the image is 64x64",), "rgb": ("mode RGB has 3 channel(s)",),
+               "unreadable-depth": ("depth map", "cannot read it as an image"),
+               "unreadable-image": ("input image", "cannot read it as an image"),
+               "no-image": ("depth-to-image model: give an input image",), "constant": ("is constant",)}[case]
+    if case == "wrong-size":
+        Image.new("L", (32, 48), 9).save(depth)
+    elif case == "rgb":
+        Image.new("RGB", (SIZE, SIZE), (9, 9, 9)).save(depth)
+    elif case == "constant":
+        Image.new("L", (SIZE, SIZE), 9).save(depth)
+    else:
+        depth.write_bytes(b"not an image")
+    if case == "unreadable-image":
+        image, depth = depth, None
+    extra = [] if case == "no-image" else ["--image", image] + (["--depth-map", depth] if depth else [])
+    code, err = run_cli(capsys, *_generate_args(artifact, out, *extra))
+    assert_one_line_error(code, err, *needles)
+    assert code == 2 and not out.exists()
+
+
+@pytest.fixture
+def without_estimator(artifacts, tmp_path):
+    """The depth artifact with its depth_estimator taken out of the manifest."""
+    import json
+    import shutil
+
+    copy = tmp_path / "no-estimator"
+    shutil.copytree(artifacts("onnx"), copy)
+    manifest = json.loads((copy / "sdexport.json").read_text())
+    del manifest["components"]["depth_estimator"]
+    (copy / "sdexport.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--control", "depth=PHOTO", "--preprocess", "depth"], "--preprocess depth needs a depth estimator"),
+    (["--image", "PHOTO"], "no depth estimator: give a depth map (--depth-map)"),
+])
+def test_no_depth_estimator(without_estimator, photo, tmp_path, capsys, flags, needle):
+    out = tmp_path / "out.png"
+    flags = [str(photo) if f == "PHOTO" else f.replace("PHOTO", str(photo)) for f in flags]
+    code, err = run_cli(capsys, *_generate_args(without_estimator, out, *flags))
+    assert_one_line_error(code, err, needle)
+    assert not out.exists()
+
+
+def test_export_depth_estimator_option(tmp_path, capsys, tiny_sd1, tiny_depth):
+    """--depth-estimator: a folder without a DPT is one line and nothing written; a depth-to-image
+    folder's estimator is planned as the depth_estimator component (dry run)."""
+    code, err = run_cli(capsys, "export", tiny_sd1, "--out", tmp_path / "bad", "--quiet", "--depth-estimator", tiny_sd1)
+    assert_one_line_error(code, err, "--depth-estimator", "neither a depth-to-image model")
+    assert not (tmp_path / "bad").exists()
+    from runtime.manifest import Manifest
+
+    assert main(["export", str(tiny_sd1), "--out", str(tmp_path / "plan"), "--dry-run", "--quiet",
+                 "--depth-estimator", str(tiny_depth)]) == 0
+    plan = Manifest.load(tmp_path / "plan", check_files=False)
+    assert plan.component("depth_estimator").inputs[0].shape == ("B", 3, 32, 32)

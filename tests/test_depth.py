@@ -72,7 +72,8 @@ def reference(tiny_depth):
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tiny_depth):
-    """target -> artifact, each exported once (ONNX validated against torch at export)."""
+    """target -> artifact, each exported once, without the export's per-component check against torch
+    (the depth estimator's is run in test_depth_estimator_component; the images are compared here)."""
     from sdexport.export.run import export
     from sdexport.export.targets.base import ExportOptions
 
@@ -81,7 +82,7 @@ def artifacts(tmp_path_factory, tiny_depth):
     def get(target):
         if target not in made:
             out = tmp_path_factory.mktemp(f"depth-{target}") / "out"
-            export(tiny_depth, out, ExportOptions(target=target, validate=target == "onnx"), progress=False)
+            export(tiny_depth, out, ExportOptions(target=target, validate=False), progress=False)
             made[target] = out
         return made[target]
 
@@ -134,15 +135,24 @@ def test_dpt_preprocessing_matches_transformers(kwargs):
 # --- the exported depth estimator ----------------------------------------------------------------
 
 
-def test_depth_estimator_component(artifacts):
+def test_depth_estimator_component(artifacts, tiny_depth):
+    """The component as the manifest records it, and the export's own parity check on it (two batch sizes)."""
     from runtime.manifest import Manifest
+    from sdexport.export.components import Shape
+    from sdexport.export.depth import depth_estimator_spec
+    from sdexport.export.validate import measure
+    from sdexport.sources.depth import DepthEstimatorSource
 
     m = Manifest.load(artifacts("onnx"))
     assert m.model.family == "depth" and m.model.unet_in_channels == 5
     c = m.component("depth_estimator")
     assert c.role == "depth_estimator" and [t.shape for t in c.inputs] == [("B", 3, 32, 32)]
     assert c.details["image_processor"]["height"] == 32 and c.details["image_processor"]["resample"] == 3
-    assert c.parity["psnr_db"] is None or c.parity["psnr_db"] >= 60
+    spec = depth_estimator_spec(DepthEstimatorSource.find(tiny_depth))
+    module = spec.module()
+    for batch in (1, 2):
+        result = measure(c, m.root, spec, module, Shape(batch, SIZE, SIZE))
+        assert result["finite"] and (result["psnr_db"] is None or result["psnr_db"] >= 60), result
 
 
 def test_depth_map_matches_transformers(artifacts, reference, photo):
@@ -167,16 +177,24 @@ def test_depth_map_matches_transformers(artifacts, reference, photo):
     assert psnr(expected, got) >= MIN_PSNR
 
 
-@pytest.mark.parametrize("target", ["onnx", "openvino"])
-def test_depth2img_equals_diffusers(artifacts, reference, photo, target):
-    image = Image.open(photo)
+@pytest.fixture(scope="module")
+def depth2img_reference(reference, photo):
     with torch.no_grad():
-        theirs = reference(PROMPT, image=image, num_inference_steps=STEPS, strength=0.8,
-                           generator=torch.Generator().manual_seed(4)).images[0]
-    result = Pipeline.from_dir(artifacts(target)).generate(PROMPT, image=photo, steps=STEPS, strength=0.8, seed=4,
-                                                           rng="torch")
-    value = _image_psnr(theirs, result.image)
-    print(f"depth2img {target}: PSNR {value:.1f} dB, depth estimator {result.timings['depth_estimator'] * 1e3:.1f} ms")
+        return reference(PROMPT, image=Image.open(photo), num_inference_steps=STEPS, strength=0.8,
+                         generator=torch.Generator().manual_seed(4)).images[0]
+
+
+@pytest.mark.parametrize("target, loop", [("onnx", "off"), ("onnx", "on"), ("openvino", "off")])
+def test_depth2img_equals_diffusers(artifacts, depth2img_reference, photo, target, loop):
+    """Depth estimated by the exported DPT; on ONNX Runtime also through the device loop (CPU provider),
+    which feeds the depth channel as its extra input."""
+    options = {"device": "cpu", "device_loop": "on"} if loop == "on" else None
+    result = Pipeline.from_dir(artifacts(target), options=options).generate(PROMPT, image=photo, steps=STEPS,
+                                                                            strength=0.8, seed=4, rng="torch")
+    assert result.settings["loop"] == ("device" if loop == "on" else "numpy")
+    value = _image_psnr(depth2img_reference, result.image)
+    print(f"depth2img {target} loop {loop}: PSNR {value:.1f} dB, depth estimator "
+          f"{result.timings['depth_estimator'] * 1e3:.1f} ms")
     assert value >= MIN_PSNR
     assert result.calls["depth_estimator"] == 1
 
@@ -321,3 +339,20 @@ def test_export_depth_estimator_option(tmp_path, capsys, tiny_sd1, tiny_depth):
                  "--depth-estimator", str(tiny_depth)]) == 0
     plan = Manifest.load(tmp_path / "plan", check_files=False)
     assert plan.component("depth_estimator").inputs[0].shape == ("B", 3, 32, 32)
+
+
+def test_bench_shows_the_depth_step(artifacts, tiny_depth, tmp_path):
+    """sdexport bench on a depth-to-image export: the estimator's latency against transformers' DPT, its
+    time in every end-to-end run, parity with StableDiffusionDepth2ImgPipeline, the depth line in the report."""
+    import json
+
+    assert main(["bench", str(artifacts("onnx")), "--reference", str(tiny_depth), "--height", str(SIZE), "--width",
+                 str(SIZE), "--steps", "2", "--prompt", PROMPT, "--seeds", "1", "--repeats", "2", "--no-cold-start",
+                 "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    depth = data["components"]["depth_estimator"]
+    assert depth["runtime"]["median_ms"] > 0 and depth["pytorch"]["median_ms"] > 0 and depth["batch"] == 1
+    (run,) = data["runs"]
+    assert run["depth_estimator_ms"] > 0
+    assert run["image_psnr_db"] is None or run["image_psnr_db"] >= MIN_PSNR
+    assert "Depth step (depth estimator, once per image)" in (tmp_path / "b" / "bench.md").read_text()

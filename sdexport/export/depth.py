@@ -28,12 +28,15 @@ class DepthEstimator(torch.nn.Module):
         return self.model(pixel_values, return_dict=False)[0]
 
 
-def _output_size(config: dict, size: int) -> int:
-    """DPT's depth map side for an input side: the patch grid, times the first reassemble factor,
-    doubled by the last fusion stage and again by the head."""
-    grid = size // int(config.get("patch_size", 16))
-    factor = (config.get("reassemble_factors") or [4])[0]
-    return int(grid * factor * 4)
+def _output_size(source: DepthEstimatorSource, height: int, width: int) -> tuple[int, int]:
+    """DPT's depth map size for an input size, from the architecture run on the meta device (shapes
+    only, no weights): ViT and hybrid DPTs scale differently, and the config does not say it in one field."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    with torch.device("meta"), torch.no_grad():
+        model = DPTForDepthEstimation(DPTConfig.from_pretrained(str(source.model_dir))).eval()
+        shape = model(torch.zeros((1, 3, height, width))).predicted_depth.shape
+    return int(shape[-2]), int(shape[-1])
 
 
 def depth_estimator_spec(source: DepthEstimatorSource) -> ComponentSpec:
@@ -42,8 +45,8 @@ def depth_estimator_spec(source: DepthEstimatorSource) -> ComponentSpec:
     # A processor that keeps the aspect ratio (or does not resize) feeds sizes that depend on the image.
     fixed = cfg.do_resize and not cfg.keep_aspect_ratio
     in_h, in_w = (h, w) if fixed else ("depth_in_h", "depth_in_w")
-    sizes = {"depth_in_h": h, "depth_in_w": w, "depth_h": _output_size(source.config, h),
-             "depth_w": _output_size(source.config, w)}
+    out_h, out_w = _output_size(source, h, w)
+    sizes = {"depth_in_h": h, "depth_in_w": w, "depth_h": out_h, "depth_w": out_w}
 
     def example(shape: Shape, gen: torch.Generator):
         return (torch.rand((shape.batch, 3, h, w), generator=gen) * 2 - 1,)  # normalized pixels

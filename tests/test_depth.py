@@ -5,8 +5,8 @@
   and the latent-size depth condition against diffusers' prepare_depth_map.
 - StableDiffusionDepth2ImgPipeline, depth estimated by the exported DPT, on ONNX Runtime and
   OpenVINO (rng torch): image PSNR >= 45 dB; and with a depth map the user gives.
-- ``--preprocess depth`` with a depth ControlNet against diffusers' ControlNet pipeline fed with
-  transformers' depth-estimation pipeline output (the diffusers docs' recipe).
+- the depth control image against transformers' depth-estimation pipeline (``--preprocess depth``
+  end to end with a depth ControlNet is in test_controlnet.py, on its export).
 - bad inputs: one line, nothing written.
 """
 
@@ -28,37 +28,6 @@ MIN_PSNR = 45.0
 SIZE = 64
 STEPS = 3
 PROMPT = "a room with a chair"
-
-
-def save_tiny_depth_pipeline(out, seed: int = 0):
-    """A StableDiffusionDepth2ImgPipeline at toy width: SD 2 tiny parts with a 5-channel U-Net and a
-    4-layer ViT DPT (hidden 32, patch 8, 32x32 input). The DPT's weights are drawn wider than its
-    init so that the depth map has structure (its init gives values near 1e-8)."""
-    import diffusers
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
-
-    from sdexport.demo.tiny import TINY_SPECS, build_tiny_components
-    import dataclasses
-
-    parts = build_tiny_components(dataclasses.replace(TINY_SPECS["sd2-v"], name="depth", unet_in_channels=5), seed)
-    torch.manual_seed(seed + 5)
-    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32,
-                       patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 16, 32, 32],
-                       fusion_hidden_size=16, is_hybrid=False)
-    dpt = DPTForDepthEstimation(config).eval()
-    with torch.no_grad():
-        for p in dpt.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.9 / p[0].numel() ** 0.5)
-    processor = DPTImageProcessor(size={"height": 32, "width": 32})
-    pipe = diffusers.StableDiffusionDepth2ImgPipeline(**parts, depth_estimator=dpt, feature_extractor=processor)
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_depth(tmp_path_factory):
-    return save_tiny_depth_pipeline(tmp_path_factory.mktemp("tiny-depth") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -238,34 +207,6 @@ def test_depth_control_image_matches_transformers_pipeline(artifacts, reference,
     assert (got[..., 0] == got[..., 1]).all() and (got[..., 0] == got[..., 2]).all()
     value = psnr(expected.astype(np.float64), got[..., 0].astype(np.float64), peak=255.0)
     print(f"depth control image PSNR {value:.1f} dB")
-    assert value >= MIN_PSNR
-
-
-@pytest.mark.slow
-def test_preprocess_depth_with_a_controlnet(tmp_path_factory, tiny_sd1, tiny_controlnets, tiny_depth, photo):
-    """export --controlnet depth=... --depth-estimator DIR, generate --preprocess depth == diffusers'
-    ControlNet pipeline on transformers' depth image."""
-    from diffusers import ControlNetModel
-    from transformers import DPTForDepthEstimation, DPTImageProcessor, pipeline
-
-    from tests.reference import diffusers_image
-
-    root = tmp_path_factory.mktemp("depth-cn")
-    artifact = root / "art"
-    assert main(["export", str(tiny_sd1), "--out", str(artifact), "--controlnet", f"depth={tiny_controlnets['depth']}",
-                 "--depth-estimator", str(tiny_depth), "--no-validate", "--quiet"]) == 0
-    out = root / "out.png"
-    assert main(["generate", str(artifact), "--prompt", PROMPT, "--control", f"depth={photo}", "--preprocess", "depth",
-                 "--steps", str(STEPS), "--seed", "6", "--rng", "torch", "--scheduler", "euler",
-                 "--height", str(SIZE), "--width", str(SIZE), "--output", str(out), "--quiet"]) == 0
-    estimator = pipeline("depth-estimation", model=DPTForDepthEstimation.from_pretrained(str(tiny_depth / "depth_estimator")),
-                         image_processor=DPTImageProcessor.from_pretrained(str(tiny_depth / "feature_extractor")))
-    depth = np.asarray(estimator(Image.open(photo))["depth"])[:, :, None]
-    control = Image.fromarray(np.concatenate([depth, depth, depth], axis=2))
-    theirs = diffusers_image(tiny_sd1, "control", "euler", 6, controlnets=[ControlNetModel.from_pretrained(str(tiny_controlnets["depth"]))],
-                             prompt=PROMPT, image=control, num_inference_steps=STEPS, height=SIZE, width=SIZE)
-    value = _image_psnr(theirs, Image.open(out).convert("RGB"))
-    print(f"--preprocess depth with a depth ControlNet: PSNR {value:.1f} dB")
     assert value >= MIN_PSNR
 
 

@@ -77,6 +77,7 @@ def cmd_export(args) -> int:
         validate=not args.no_validate,
         overwrite=args.overwrite,
         dry_run=args.dry_run,
+        model=args.source,  # a static profile's size is per model family
     )
     manifest = export(args.source, args.out, options, progress=not args.quiet, command=sys.argv[1:])
     if not args.quiet:

@@ -39,7 +39,7 @@ MANIFEST_NAME = "sdexport.json"
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
 FEEDABLE_DTYPES = tuple(d for d in DTYPES if d != "bfloat16")  # numpy has no bfloat16 to feed or read
-ROLES = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "controlnet")
+ROLES = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "controlnet", "depth_estimator")
 
 
 class ManifestError(ValueError):

@@ -69,6 +69,7 @@ def cmd_export(args) -> int:
         cfg=cfg.get("mode"),
         sections=flags,
         controlnets=tuple(args.controlnet or ()),
+        depth_estimator=args.depth_estimator,
         loras=tuple(args.lora or ()),
         source_config=args.config,
         prediction_type=args.prediction_type,
@@ -77,6 +78,7 @@ def cmd_export(args) -> int:
         validate=not args.no_validate,
         overwrite=args.overwrite,
         dry_run=args.dry_run,
+        model=args.source,  # a static profile's size is per model family
     )
     manifest = export(args.source, args.out, options, progress=not args.quiet, command=sys.argv[1:])
     if not args.quiet:
@@ -245,9 +247,9 @@ def cmd_generate(args) -> int:
     if latents_out is not None and os.path.abspath(latents_out) == os.path.abspath(output):
         raise UsageError("--latents-out names the same file as --output")
     _check_generate_values(args)
-    controls = _controls(args)
     options = {k: getattr(args, k) for k in ("device", "threads", "compute_units", "winograd") if getattr(args, k)}
     pipe = Pipeline.from_dir(args.dir, options=options or None, cfg=args.cfg)
+    controls = _controls(args, pipe)
     _warn_truncated(pipe.tokenizer, {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt or ""})
     result = pipe.generate(
         args.prompt,
@@ -262,6 +264,7 @@ def cmd_generate(args) -> int:
         image=args.image,
         strength=args.strength,
         mask=args.mask,
+        depth_map=args.depth_map,
         controls=controls,
         guess_mode=args.guess_mode,
         progress=not args.quiet,
@@ -333,8 +336,9 @@ def _warn_truncated(tokenizer, prompts: dict[str, str]) -> None:
                   f"its last {dropped} tokens are ignored", file=sys.stderr)
 
 
-def _controls(args) -> list:
-    """--control NAME=IMAGE[:SCALE] with the start/end fractions, images preprocessed and fitted."""
+def _controls(args, pipe) -> list:
+    """--control NAME=IMAGE[:SCALE] with the start/end fractions, images preprocessed and fitted
+    (``--preprocess depth`` runs the export's depth estimator: Pipeline.depth_control_image)."""
     from runtime import image as imgproc
     from runtime.pipeline import PipelineInputError
 
@@ -348,7 +352,10 @@ def _controls(args) -> list:
     for c in controls:
         image = imgproc.load_image(c.image, f"control image for {c.name}")
         try:
-            image = preprocess(image, args.preprocess, **_preprocess_params(args))
+            if args.preprocess == "depth":
+                image = pipe.depth_control_image(image)
+            else:
+                image = preprocess(image, args.preprocess, **_preprocess_params(args))
             if args.height and args.width:
                 image = fit(image, args.height, args.width, args.control_fit)
         except imgproc.ImageInputError:
@@ -451,6 +458,8 @@ def _export_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     declared.add_flags(p)  # the profile's settings that have a flag: --target, --precision, --height ...
     p.add_argument("--controlnet", action="append", metavar="[NAME=]PATH", help="a diffusers ControlNet folder (repeatable)")
+    p.add_argument("--depth-estimator", metavar="DIR", help="a DPT depth estimator to export with it (a depth-to-image "
+                   "model folder or a transformers DPT folder), for generate --preprocess depth")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="a LoRA (diffusers/PEFT or kohya) fused into the weights; repeatable, applied in order")
     p.add_argument("--config", metavar="DIR", help="single files: a diffusers folder whose configs describe the "
@@ -520,6 +529,8 @@ def _generate_parser(sub) -> None:
     g.add_argument("--image", help="input image for img2img / inpainting")
     g.add_argument("--strength", type=float)
     g.add_argument("--mask", help="inpainting mask (white = repaint), same size as --image")
+    g.add_argument("--depth-map", help="depth-to-image: your own depth map for --image (a one-channel image of its "
+                   "size, 8/16-bit gray or 32-bit; larger = nearer, as DPT), instead of the exported estimator's")
     _control_args(g)
     g.add_argument("--noise-level", type=int, help="x4 upscaler: noise added to the input, 0..max_noise_level "
                    "(default 20, as diffusers)")
@@ -545,7 +556,8 @@ def _control_args(g) -> None:
     g.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where control starts")
     g.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where control ends")
     g.add_argument("--guess-mode", action="store_true", help="control on the conditional branch only")
-    g.add_argument("--preprocess", default="none", help="none | canny | threshold | scribble | invert (applied to control images)")
+    g.add_argument("--preprocess", default="none", help="none | canny | threshold | scribble | invert | depth (applied to control images; depth runs the "
+                   "export's depth estimator)")
     g.add_argument("--control-fit", choices=("resize", "crop", "pad"), default="resize",
                    help="how control images meet --height/--width: stretch (as diffusers), center-crop, or pad")
     g.add_argument("--canny-low", type=int, default=100)

@@ -19,6 +19,7 @@ from runtime.manifest import Component, FileRef, Manifest, ModelInfo, RunSetting
 from runtime.tokenizer import CLIPTokenizer, TokenizerError
 from sdexport import __version__
 from sdexport.export.artifacts import check_output_dir, staged_directory
+from sdexport.export.depth import depth_estimator_spec, depth_source, record_processor
 from sdexport.export.components import (
     ComponentSpec,
     controlnet_spec,
@@ -168,6 +169,8 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
     options = dataclasses.replace(options, trace_size=min(info.default_height, options.default_size))
     multiple = spatial_multiple(source, info)
     specs = component_specs(source, info, controlnets)
+    depth = depth_source(source.path, info.family, options.depth_estimator)
+    specs += [depth_estimator_spec(depth)] if depth is not None else []
     components: dict[str, Component] = {}
 
     if options.dry_run:
@@ -184,6 +187,7 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
                 bar.set_postfix_str(spec.name)
                 components[spec.name] = export_component(spec, target, stage, options, multiple)
                 gc.collect()
+        record_processor(components, depth)
         info = dataclasses.replace(info, recommended=recommended_settings(source, info))
         manifest = Manifest(
             model=info,

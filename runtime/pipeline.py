@@ -293,8 +293,19 @@ class Pipeline:
         callback: Callable[[int, float, np.ndarray], None] | None = None,
         progress: bool = False,
         return_latents: bool = False,
+        noise_level: int | None = None,
+        tiling: Any = None,
         depth_map: Image.Image | str | Path | None = None,
     ) -> Result:
+        if self.info.family == "upscaler":  # its own loop: runtime.upscale
+            if any(v is not None for v in (height, width, strength, mask, depth_map)) or controls:
+                raise PipelineInputError("an x4 upscaler export takes --image (output 4x its size) and --noise-level; "
+                                         "--height, --width, --strength, --mask and --control do not apply")
+            return self._upscale(prompt, negative_prompt, return_latents, image=image, noise_level=noise_level,
+                                 steps=steps, guidance_scale=guidance_scale, scheduler=scheduler, seed=seed, rng=rng,
+                                 tiling=tiling, callback=callback, progress=progress)
+        if noise_level is not None or tiling is not None:
+            raise PipelineInputError("--noise-level and tiling apply to x4 upscaler exports only")
         t_start = time.perf_counter()
         self.timings.clear()
         self.calls.clear()
@@ -321,6 +332,22 @@ class Pipeline:
                                   guess_mode=guess_mode, loop="device" if loop is not None else "numpy")
         return Result(images, latents if return_latents else None, seed, settings, dict(self.timings),
                       dict(self.calls), loop_reason)
+
+    def _upscale(self, prompt, negative_prompt, return_latents: bool, **kwargs) -> Result:
+        """An x4 upscaler export's run (runtime.upscale), as a Result."""
+        from runtime.upscale import UpscaleInputError, upscale
+
+        t_start = time.perf_counter()
+        self.timings.clear()
+        self.calls.clear()
+        prompts, negatives = _prompt_lists(prompt, negative_prompt)
+        try:
+            out = upscale(self, prompts, negatives, **kwargs)
+        except UpscaleInputError as e:
+            raise PipelineInputError(str(e)) from None
+        self.timings["total"] = time.perf_counter() - t_start
+        return Result(out.images, out.latents if return_latents else None, kwargs["seed"], out.settings,
+                      dict(self.timings), dict(self.calls), "the upscaler runs the numpy loop")
 
     # -- 1. inputs ------------------------------------------------------------------------------
 

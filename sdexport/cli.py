@@ -74,6 +74,7 @@ def cmd_export(args) -> int:
         source_config=args.config,
         prediction_type=args.prediction_type,
         few_step=args.few_step,
+        vae=args.vae,
         validate=not args.no_validate,
         overwrite=args.overwrite,
         dry_run=args.dry_run,
@@ -84,6 +85,15 @@ def cmd_export(args) -> int:
         print(describe(manifest))
     if manifest.root is None:  # a dry run over an existing --out: checked, nothing replaced
         print(f"{args.out}: exists; the dry run checked it and wrote nothing (a dry run replaces nothing)", file=sys.stderr)
+    return 0
+
+
+def cmd_export_vae(args) -> int:
+    from sdexport.export.swap_vae import export_vae_into
+
+    manifest = export_vae_into(args.vae, args.into, progress=not args.quiet, command=sys.argv[1:])
+    if not args.quiet:
+        print(describe(manifest))
     return 0
 
 
@@ -259,6 +269,7 @@ def cmd_generate(args) -> int:
         guess_mode=args.guess_mode,
         progress=not args.quiet,
         return_latents=latents_out is not None,
+        **_upscale_args(args),
     )
     files = [(output, imgproc.png_bytes(result.image, png_metadata(result.settings)))]
     if latents_out is not None:
@@ -277,6 +288,20 @@ def cmd_generate(args) -> int:
         total = result.timings["total"]
         print(f"wrote {output} ({result.image.width}x{result.image.height}) in {total:.2f} s", file=sys.stderr)
     return 0
+
+
+def _upscale_args(args) -> dict:
+    """x4 upscaler exports: --noise-level and the tiling of large inputs (passed only when given)."""
+    out = {}
+    if args.noise_level is not None:
+        out["noise_level"] = args.noise_level
+    if args.tile is not None or args.tile_overlap is not None:
+        from runtime.upscale import Tiling
+
+        default = Tiling()
+        out["tiling"] = Tiling(default.size if args.tile is None else args.tile,
+                               default.overlap if args.tile_overlap is None else args.tile_overlap)
+    return out
 
 
 def _check_generate_values(args) -> None:
@@ -418,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdexport", description="Export Stable Diffusion to ONNX / OpenVINO / Core ML / TensorRT and run it without PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_export_parser, _merge_parser, _merge_lora_parser, _generate_parser, _bench_parser, _quality_parser,
+    for add in (_export_parser, _export_vae_parser, _merge_parser, _merge_lora_parser, _generate_parser, _bench_parser, _quality_parser,
                 _demo_parser, _profiles_parser, _inspect_parser):
         add(sub)
     return parser
@@ -443,11 +468,22 @@ def _export_parser(sub) -> None:
                    help="single files: SD 2.x v-models cannot be told from their weights (default for SD 2.x: v)")
     p.add_argument("--few-step", choices=("lcm", "turbo"),
                    help="an LCM(-LoRA) or SD-Turbo-style model: its sampler, steps and guidance as defaults")
+    p.add_argument("--vae", metavar="DIR_OR_FILE", help="export with another VAE: a diffusers AutoencoderKL folder, "
+                   "or one .safetensors in diffusers or original (LDM) names, e.g. vae-ft-mse-840000-ema-pruned")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check against torch")
     p.add_argument("--dry-run", action="store_true", help="resolve and check everything, write a plan manifest, convert nothing")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
+
+
+def _export_vae_parser(sub) -> None:
+    v = sub.add_parser("export-vae", help="export a VAE on its own and make it an artifact's VAE (atomic swap)")
+    v.add_argument("vae", help="a diffusers AutoencoderKL folder, or one .safetensors in diffusers or original (LDM) names")
+    v.add_argument("--into", required=True, metavar="ART", help="the artifact directory whose VAE it replaces "
+                   "(its target, precision and shapes are used; nothing else is re-exported)")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=cmd_export_vae)
 
 
 def _merge_parser(sub) -> None:
@@ -496,6 +532,11 @@ def _generate_parser(sub) -> None:
     g.add_argument("--depth-map", help="depth-to-image: your own depth map for --image (a one-channel image of its "
                    "size, 8/16-bit gray or 32-bit; larger = nearer, as DPT), instead of the exported estimator's")
     _control_args(g)
+    g.add_argument("--noise-level", type=int, help="x4 upscaler: noise added to the input, 0..max_noise_level "
+                   "(default 20, as diffusers)")
+    g.add_argument("--tile", type=int, help="x4 upscaler: tile side in input pixels for large inputs "
+                   "(default 256; 0: never tile); tiles overlap and are blended with linear feathering")
+    g.add_argument("--tile-overlap", type=int, help="x4 upscaler: input pixels neighbouring tiles share (default 32)")
     g.add_argument("--cfg", choices=declared.CFG_MODES, help="override the export's CFG batching")
     g.add_argument("--device", help="backend device: cpu, cuda, gpu, npu, auto ...")
     g.add_argument("--threads", type=int)

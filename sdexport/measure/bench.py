@@ -82,6 +82,8 @@ def _reference_pipeline(source: DiffusersSource, scheduler: str):
     cls = diffusers.StableDiffusionInpaintPipeline if model_info(source).is_inpainting else diffusers.StableDiffusionPipeline
     if model_info(source).family == "depth":
         cls = diffusers.StableDiffusionDepth2ImgPipeline
+    if model_info(source).family == "upscaler":
+        cls = diffusers.StableDiffusionUpscalePipeline
     pipe = cls.from_pretrained(str(source.path), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     use_scheduler(pipe, scheduler)
@@ -180,6 +182,8 @@ def _precision_parity(manifest, reference, config: BenchConfig, height: int, wid
     reduced = {k: c.precision for k, c in manifest.components.items() if c.precision != "fp32"}
     if not reduced:
         return None
+    if manifest.model.family == "upscaler":
+        return {"reduced": reduced, "skipped": "the protocol's diffusers fp16 reference covers text-to-image only"}
     if manifest.model.is_inpainting or manifest.model.family == "depth":
         return {"reduced": reduced, "skipped": "the protocol's diffusers fp16 reference covers text-to-image only"}
     ref_fp16 = diffusers_images(reference, "fp16", config.prompts, config.seeds, steps=config.steps,
@@ -192,7 +196,7 @@ def _component_feeds(info, ids, height: int, width: int) -> dict[str, dict[str, 
     rng = np.random.default_rng(0)
     f = info.vae_scale_factor
     n = 2  # one prompt under classifier-free guidance
-    return {
+    feeds = {
         "text_encoder": {"input_ids": np.repeat(ids, n, axis=0)},
         "unet": {"sample": rng.standard_normal((n, info.unet_in_channels, height // f, width // f), np.float32),
                  "timestep": np.full((n,), 500.0, np.float32),
@@ -200,6 +204,9 @@ def _component_feeds(info, ids, height: int, width: int) -> dict[str, dict[str, 
         "vae_decoder": {"latent_sample": rng.standard_normal((1, info.latent_channels, height // f, width // f), np.float32)},
         "vae_encoder": {"sample": rng.uniform(-1, 1, (1, 3, height, width)).astype(np.float32)},
     }
+    if info.family == "upscaler":  # the noise level, as class labels
+        feeds["unet"]["class_labels"] = np.full((n,), 20, np.int64)
+    return feeds
 
 
 def depth_feeds(manifest: Manifest) -> dict[str, dict[str, np.ndarray]]:
@@ -222,6 +229,10 @@ def _component_latency(pipe, ref, manifest, feeds: dict, config: BenchConfig, ba
         "vae_decoder": lambda x: ref.vae.decode(torch.from_numpy(x["latent_sample"])),
         "vae_encoder": lambda x: ref.vae.encode(torch.from_numpy(x["sample"])),
     }
+    if manifest.model.family == "upscaler":
+        from sdexport.measure.bench_upscale import unet_torch_call
+
+        torch_calls["unet"] = unet_torch_call(ref)
     if getattr(ref, "depth_estimator", None) is not None:  # depth-to-image references have one
         torch_calls["depth_estimator"] = lambda x: ref.depth_estimator(torch.from_numpy(x["pixel_values"]))
     components = {}
@@ -240,6 +251,10 @@ def _component_latency(pipe, ref, manifest, feeds: dict, config: BenchConfig, ba
 
 def _end_to_end(pipe, ref, info, config: BenchConfig, height: int, width: int, bar) -> list[dict]:
     """Every prompt and seed through both pipelines, with the latents after every step."""
+    if info.family == "upscaler":
+        from sdexport.measure.bench_upscale import end_to_end
+
+        return end_to_end(pipe, ref, info, config, height, width, bar)
     extra = {}
     if info.is_inpainting:
         image, mask = _inpaint_inputs(height, width)
@@ -303,7 +318,7 @@ def _median_step_ms(times: list[float]) -> float | None:
 
 def _cold_starts(info, config: BenchConfig, height: int, width: int, artifact, reference, bar) -> dict:
     """Cold start and peak memory, each engine in its own process (text-to-image models only)."""
-    if not config.cold_start or info.is_inpainting or info.family == "depth":
+    if not config.cold_start or info.is_inpainting or info.family in ("depth", "upscaler"):
         return {}
     args = dict(steps=config.steps, height=height, width=width, scheduler=config.scheduler)
     cold = {"runtime": cold_start("runtime", artifact, config.prompts[0], **args)}
@@ -354,6 +369,9 @@ def markdown(r: dict) -> str:
         p = run["image_psnr_db"]
         lines.append(f"| {run['prompt'][:40]} | {run['seed']} | {'identical' if p is None else f'{p:.1f}'} | "
                      f"{run['image_ssim']:.4f} | {run['latent_max_abs_err']:.2e} | {100 * run['runtime_overhead_share']:.2f}% |")
+    from sdexport.measure.bench_upscale import markdown_line
+
+    lines += markdown_line(r["runs"])
     reasons = sorted({f"{run.get('loop')} loop: {run['loop_reason']}" for run in r["runs"] if run.get("loop_reason")})
     if reasons:
         lines += ["", "Denoising loop: " + "; ".join(reasons)]

@@ -18,6 +18,7 @@ import torch
 
 from runtime.manifest import ModelInfo, TensorSpec
 from sdexport.errors import OptionError, SourceError
+from sdexport.export.sdxl_info import has_text_encoder
 from sdexport.export.components import ComponentSpec, Shape, _f32, _residual_dims, _residual_sizes, _spatial, \
     controlnet_output_names, residual_names, vae_decoder_spec, vae_encoder_spec
 
@@ -101,7 +102,7 @@ def _token_example(vocab: int, seq: int):
 def text_encoder_specs(source, info: ModelInfo) -> list[ComponentSpec]:
     seq = info.max_length
     specs = []
-    if getattr(source, "has_text_encoder", True):
+    if has_text_encoder(source):
         config = source.text_encoder_config
         specs.append(ComponentSpec(
             name="text_encoder", role="text_encoder",
@@ -220,7 +221,7 @@ def write_tokenizers(source, stage: Path, write_tokenizer) -> tuple[dict, dict]:
     """Both tokenizers (a refiner: the second only), each checked against transformers';
     returns (parity record, the manifest's tokenizer folder names)."""
     checks, dirs = {}, {}
-    if getattr(source, "has_text_encoder", True):
+    if has_text_encoder(source):
         checks["tokenizer"] = write_tokenizer(source, stage / "tokenizer")
     tokenizer_2 = getattr(source, "tokenizer_2_dir", None)
     if tokenizer_2 is None:

@@ -19,6 +19,18 @@ def is_sdxl(unet_config: dict) -> bool:
     return unet_config.get("addition_embed_type") == "text_time"
 
 
+def has_text_encoder(source) -> bool:
+    """Whether the source has the first (CLIP ViT-L) text encoder: an SDXL refiner has only the second.
+    Diffusers folders say so (``has_text_encoder``); single files give no ``text_encoder_config``."""
+    flag = getattr(source, "has_text_encoder", None)
+    if flag is not None:
+        return bool(flag)
+    try:
+        return source.text_encoder_config is not None
+    except SourceError:  # a wrapped folder without text_encoder/
+        return False
+
+
 def pipeline_flags(source) -> dict:
     """``requires_aesthetics_score`` and ``force_zeros_for_empty_prompt`` from model_index.json, with
     the defaults diffusers' SDXL pipelines register (False, True) where the index does not say."""
@@ -48,7 +60,7 @@ def sdxl_model_info(source) -> ModelInfo:
                           f"text_encoder_2's projection_dim {projection} plus 5 or 6 time ids of {time_dim}")
     flags["requires_aesthetics_score"] = n_ids == 5  # what the U-Net was trained with decides
     cross = int(unet["cross_attention_dim"])
-    hidden_1 = int(source.text_encoder_config["hidden_size"]) if getattr(source, "has_text_encoder", True) else 0
+    hidden_1 = int(source.text_encoder_config["hidden_size"]) if has_text_encoder(source) else 0
     if hidden_1 + int(text_2["hidden_size"]) != cross:
         raise SourceError(f"{source.path}: the text encoders' widths ({hidden_1} + {text_2['hidden_size']}) do not "
                           f"add up to the U-Net's cross_attention_dim {cross}")

@@ -327,14 +327,8 @@ class Pipeline:
         self.calls.clear()
         xl = sdxl.XLRequest(denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score,
                             image if isinstance(image, np.ndarray) else None, negative_prompt is None)
-        sdxl.check_request(self.manifest, xl, has_image=image is not None and xl.latents is None, has_mask=mask is not None,
-                           error=PipelineInputError)
-        if xl.latents is not None:  # the base's latents: the output size is theirs, as in diffusers
-            image, height, width = None, xl.latents.shape[2] * self.info.vae_scale_factor, xl.latents.shape[3] * self.info.vae_scale_factor
-        if self.info.is_sdxl:  # diffusers' SDXL defaults: guidance 5.0 and strength 0.3; inpainting 7.5 and 0.9999
-            strength = (0.9999 if mask is not None else 0.3) if strength is None else strength
-            if guidance_scale is None and "guidance_scale" not in (self.info.recommended or {}):
-                guidance_scale = 7.5 if mask is not None else 5.0
+        image, height, width, strength, guidance_scale = self._sdxl_defaults(xl, image, mask, height, width, strength,
+                                                                             guidance_scale)
         run = self.check_inputs(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, rng=rng,
                                 height=height, width=width, image=image, strength=strength, mask=mask)
         run.xl = xl if self.info.is_sdxl else None
@@ -378,6 +372,20 @@ class Pipeline:
                       dict(self.timings), dict(self.calls), "the upscaler runs the numpy loop")
 
     # -- 1. inputs ------------------------------------------------------------------------------
+
+    def _sdxl_defaults(self, xl: sdxl.XLRequest, image, mask, height, width, strength, guidance_scale):
+        """SDXL's own arguments checked (and refused on other families), and diffusers' SDXL defaults:
+        guidance 5.0 and strength 0.3, inpainting 7.5 and 0.9999; base latents set the output size."""
+        sdxl.check_request(self.manifest, xl, has_image=image is not None and xl.latents is None, has_mask=mask is not None,
+                           error=PipelineInputError)
+        if xl.latents is not None:
+            f = self.info.vae_scale_factor
+            image, height, width = None, xl.latents.shape[2] * f, xl.latents.shape[3] * f
+        if self.info.is_sdxl:
+            strength = (0.9999 if mask is not None else 0.3) if strength is None else strength
+            if guidance_scale is None and "guidance_scale" not in (self.info.recommended or {}):
+                guidance_scale = 7.5 if mask is not None else 5.0
+        return image, height, width, strength, guidance_scale
 
     def check_inputs(self, prompt, negative_prompt, *, steps, guidance_scale, rng, height, width, image, strength,
                      mask) -> _Run:

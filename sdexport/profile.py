@@ -97,7 +97,7 @@ def listing() -> str:
 
 
 def resolve(profile: str | None, *, target=None, precision=None, height=None, width=None, batch=None, cfg=None,
-            sections: Mapping[str, Mapping[str, Any]] | None = None, **flags):
+            prompt_chunks=None, sections: Mapping[str, Mapping[str, Any]] | None = None, **flags):
     """ExportOptions from a profile (if any) with command-line flags on top: the keyword arguments
     for the head, shapes and cfg, ``sections`` ({section: {field: value}}) for the other tables."""
     from sdexport.export.targets.base import ExportOptions
@@ -108,6 +108,7 @@ def resolve(profile: str | None, *, target=None, precision=None, height=None, wi
         height, width = shapes.height, shapes.width
     if batch is None and shapes.static:
         batch = shapes.batch
+    prompt_chunks = prompt_chunks or shapes.prompt_chunks or 1
     sections = sections or {}
     typed = {}
     for name in ("backend", "coreml", "tensorrt", "onnx", "openvino", "quantize", "validation"):
@@ -118,6 +119,7 @@ def resolve(profile: str | None, *, target=None, precision=None, height=None, wi
         height=height,
         width=width,
         batch=batch,
+        prompt_chunks=prompt_chunks,
         cfg=cfg or p.get("cfg", "mode", "batched"),
         profile_name=p.name,
         description=p.description,

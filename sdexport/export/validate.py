@@ -23,7 +23,7 @@ def validation_shape(spec: ComponentSpec, trace: Shape, static: bool, multiple: 
     size, so a dimension baked in by the trace shows up as an error here, not in a user's run."""
     if static:
         return trace
-    return Shape(trace.batch + 1, trace.height, trace.width + multiple, trace.cfg_batch)
+    return Shape(trace.batch + 1, trace.height, trace.width + multiple, trace.cfg_batch, trace.prompt_chunks + 1)
 
 
 def measure(component: Component, root: Path, spec: ComponentSpec, module: torch.nn.Module, shape: Shape,

@@ -16,7 +16,7 @@ from tests.test_cli_errors import assert_one_line_error, run_cli
 # ones: a new setting needs a value here and a reader below.
 EVERY_SETTING = {
     "": {"description": "every setting set", "target": "openvino", "precision": "fp16"},
-    "shapes": {"static": True, "height": 64, "width": 64, "batch": 1},
+    "shapes": {"static": True, "height": 64, "width": 64, "batch": 1, "prompt_chunks": 2},
     "cfg": {"mode": "sequential"},
     "backend": {"device": "cpu", "providers": ["CPUExecutionProvider"], "threads": 2, "precision_hint": "f32",
                 "performance_hint": "THROUGHPUT", "winograd": "off",
@@ -61,6 +61,7 @@ def _readers():
         ("shapes", "height"): lambda o, m: m.runtime.static_shape.height,
         ("shapes", "width"): lambda o, m: m.runtime.static_shape.width,
         ("shapes", "batch"): lambda o, m: m.runtime.static_shape.batch,
+        ("shapes", "prompt_chunks"): lambda o, m: m.runtime.static_shape.prompt_chunks,
         ("cfg", "mode"): lambda o, m: m.runtime.cfg,
         ("backend", "device_loop"): lambda o, m: m.runtime.device_loop,
         ("backend", "providers"): lambda o, m: list(session(m).providers),

@@ -268,6 +268,7 @@ class StaticShape:
     height: int
     width: int
     batch: int | None = None  # None: the batch stays dynamic
+    prompt_chunks: int = 1  # the U-Net's text length in 75-token chunks (77 * chunks positions); 1 before long prompts
 
 
 WRITE_LOCATIONS = ("cache_dir",)  # backend options the artifact may not set

@@ -20,6 +20,7 @@ from runtime import image as imgproc
 from runtime.backends import SessionOptions, open_session
 from runtime.manifest import Manifest, ManifestError
 from runtime.numerics import check_finite
+from runtime.prompts import PromptOptions, PromptSyntaxError, chunk_batch, chunk_prompt, encode_chunks
 from runtime.resources import check_request
 from runtime.rng import RNG_KINDS, make_rng
 from runtime.schedulers import SCHEDULER_NAMES, scheduler_from_config, scheduler_from_file
@@ -82,6 +83,8 @@ class _Run:
     do_cfg: bool
     xl: sdxl.XLRequest | None = None  # SDXL exports: their extra arguments
     added_cond: dict[str, np.ndarray] | None = None  # SDXL: the U-Net's text_embeds and time_ids
+    emphasis: bool = False  # A1111's (x:1.3) [x] BREAK syntax read (runtime.prompts)
+    prompt_chunks: int = 1  # 75-token chunks each prompt and negative prompt is encoded as
 
     @property
     def batch(self) -> int:
@@ -248,9 +251,43 @@ class Pipeline:
 
     # -- pieces of the loop --------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: Sequence[str]) -> np.ndarray:
-        ids = self.tokenizer(list(prompts))
+    def encode_prompts(self, prompts: Sequence[str], emphasis: bool = False, chunks: int | None = None) -> np.ndarray:
+        """Hidden states [B, 77 * chunks, D]; ``chunks`` (default: as many as the longest prompt needs)
+        pads shorter prompts with empty chunks. One chunk is the tokenizer's window, as diffusers encodes it."""
+        options = PromptOptions(emphasis=emphasis)
+        chunks = chunks or self.prompt_chunk_count(prompts, emphasis)
+        try:
+            batch = chunk_batch(self.tokenizer, list(prompts), options, chunks)
+        except PromptSyntaxError as e:
+            raise PipelineInputError(str(e)) from None
+        return encode_chunks(self._encode_ids, batch, emphasis)
+
+    def _encode_ids(self, ids: np.ndarray) -> np.ndarray:
         return self.session("text_encoder").run({"input_ids": ids})["last_hidden_state"].astype(F32, copy=False)
+
+    def prompt_chunk_count(self, texts: Sequence[str], emphasis: bool = False) -> int:
+        """The 75-token chunks these prompts are encoded as: the longest one's, or the fixed count of a
+        static export (fails, naming the export to make, when a prompt needs more than it takes)."""
+        try:
+            needed = max(len(chunk_prompt(self.tokenizer, t, PromptOptions(emphasis=emphasis))) for t in texts)
+        except PromptSyntaxError as e:
+            raise PipelineInputError(str(e)) from None
+        fixed = self.fixed_prompt_chunks()
+        if fixed is not None and needed > fixed:
+            raise PipelineInputError(
+                f"the prompt needs {needed} chunks of 75 tokens, this export's U-Net takes {fixed} "
+                f"({fixed * self.info.max_length} positions): re-export it with dynamic shapes, or with --prompt-chunks {needed}")
+        return fixed or needed
+
+    def fixed_prompt_chunks(self) -> int | None:
+        """Chunks the U-Net (and ControlNets) take when their sequence axis is fixed (77 in exports made
+        before long prompts, 77 * --prompt-chunks in static ones), else None."""
+        fixed = []
+        for component in self.manifest.components.values():
+            spec = next((s for s in component.inputs if s.name == "encoder_hidden_states"), None)
+            if spec is not None and isinstance(spec.shape[1], int):
+                fixed.append(max(spec.shape[1] // self.info.max_length, 1))
+        return min(fixed) if fixed else None
 
     def _encode_image(self, pixels: np.ndarray, rng) -> np.ndarray:
         """VAE encoder + sampling of the latent distribution with our RNG, times the scaling factor."""
@@ -308,6 +345,7 @@ class Pipeline:
             noise_level: int | None = None,
         tiling: Any = None,
         depth_map: Image.Image | str | Path | None = None,
+        emphasis: bool = False,
     ) -> Result:
         """SDXL: ``denoising_end`` stops the base part way (``decode=False`` keeps its latents, as
         diffusers' ``output_type="latent"``); a refiner takes them as ``image`` (an ndarray) with
@@ -330,7 +368,8 @@ class Pipeline:
         image, height, width, strength, guidance_scale = self._sdxl_defaults(xl, image, mask, height, width, strength,
                                                                              guidance_scale)
         run = self.check_inputs(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, rng=rng,
-                                height=height, width=width, image=image, strength=strength, mask=mask)
+                                height=height, width=width, image=image, strength=strength, mask=mask,
+                                emphasis=emphasis)
         run.xl = xl if self.info.is_sdxl else None
         given_depth = self._depth_input(run, depth_map)  # checked before any model runs
         noise_rng = generator if generator is not None else make_rng(seed, rng)
@@ -388,7 +427,7 @@ class Pipeline:
         return image, height, width, strength, guidance_scale
 
     def check_inputs(self, prompt, negative_prompt, *, steps, guidance_scale, rng, height, width, image, strength,
-                     mask) -> _Run:
+                     mask, emphasis: bool = False) -> _Run:
         """Every argument checked, and the defaults filled in, before any model runs."""
         recommended = self.info.recommended or {}
         steps = int(steps if steps is not None else recommended.get("steps", 50))
@@ -419,7 +458,10 @@ class Pipeline:
         self._check_static_shape(height, width, len(prompts))
         do_cfg = guidance_scale > 1.0 and not self.info.time_cond_proj_dim
         check_request(self.info, height, width, len(prompts), steps, do_cfg, PipelineInputError)  # before any model runs
-        return _Run(prompts, negatives, steps, guidance_scale, strength, height, width, init_image, mask_image, do_cfg)
+        # SDXL: one 77-token window per encoder, as diffusers' SDXL pipelines truncate
+        chunks = 1 if self.info.is_sdxl else self.prompt_chunk_count(prompts + negatives if do_cfg else prompts, emphasis)
+        return _Run(prompts, negatives, steps, guidance_scale, strength, height, width, init_image, mask_image, do_cfg,
+                    bool(emphasis), chunks)
 
     def _output_size(self, init_image, height, width) -> tuple[int, int]:
         f = self.info.vae_scale_factor
@@ -436,13 +478,15 @@ class Pipeline:
 
     def text_embeddings(self, run: _Run) -> np.ndarray:
         """The prompts' embeddings, after the negative prompts' when classifier-free guidance is on."""
-        if run.xl is not None:  # SDXL: two encoders, and the U-Net's added conditioning
+        if run.xl is not None:  # SDXL: two encoders, and the U-Net's added conditioning (one 77-token window)
+            if run.emphasis:
+                raise PipelineInputError("prompt emphasis (--emphasis) is not supported for SDXL exports yet")
             embeddings, run.added_cond = self.sdxl.conditioning(run.prompts, run.negatives, run.height, run.width,
                                                                 run.do_cfg, run.xl)
             return embeddings
-        embeddings = self.encode_prompts(run.prompts)
+        embeddings = self.encode_prompts(run.prompts, run.emphasis, run.prompt_chunks)
         if run.do_cfg:
-            embeddings = np.concatenate([self.encode_prompts(run.negatives), embeddings])
+            embeddings = np.concatenate([self.encode_prompts(run.negatives, run.emphasis, run.prompt_chunks), embeddings])
         return embeddings
 
     # -- 2. timesteps ---------------------------------------------------------------------------
@@ -684,6 +728,8 @@ class Pipeline:
             "model_hash": self._artifact_hash(),
             "cfg": self.cfg if run.do_cfg else "off",
             "loop": loop,
+            "emphasis": run.emphasis,
+            "prompt_chunks": run.prompt_chunks,
         }
 
     def _artifact_hash(self) -> str | None:

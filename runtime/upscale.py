@@ -200,9 +200,10 @@ def upscale(pipe, prompts: Sequence[str], negatives: Sequence[str], *, image, no
     noise_rng = make_rng(seed, rng)
     sched = pipe.make_scheduler(scheduler)
     do_cfg = req.guidance_scale > 1.0
-    embeddings = pipe.encode_prompts(prompts)
+    chunks = pipe.prompt_chunk_count(prompts + negatives if do_cfg else prompts)  # the same count for both halves
+    embeddings = pipe.encode_prompts(prompts, chunks=chunks)
     if do_cfg:
-        embeddings = np.concatenate([pipe.encode_prompts(negatives), embeddings])
+        embeddings = np.concatenate([pipe.encode_prompts(negatives, chunks=chunks), embeddings])
     low_res = preprocess(req.image, pipe.info.vae_scale_factor)
     try:
         sched.set_timesteps(req.steps)

@@ -250,7 +250,6 @@ def cmd_generate(args) -> int:
     options = {k: getattr(args, k) for k in ("device", "threads", "compute_units", "winograd") if getattr(args, k)}
     pipe = Pipeline.from_dir(args.dir, options=options or None, cfg=args.cfg)
     controls = _controls(args, pipe)
-    _warn_truncated(pipe.tokenizer, {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt or ""})
     result = pipe.generate(
         args.prompt,
         args.negative_prompt,
@@ -269,6 +268,7 @@ def cmd_generate(args) -> int:
         guess_mode=args.guess_mode,
         progress=not args.quiet,
         return_latents=latents_out is not None,
+        emphasis=args.emphasis,
         **_sdxl_kwargs(args, pipe, options),
         **_upscale_args(args),
     )
@@ -364,16 +364,6 @@ def _check_generate_values(args) -> None:
             raise UsageError(f"{flag} {value}: expected a fraction within [0, 1]")
 
 
-def _warn_truncated(tokenizer, prompts: dict[str, str]) -> None:
-    """The text encoder sees one window of tokens; say how many were cut rather than drop them silently."""
-    window = tokenizer.max_length - 2
-    for flag, prompt in prompts.items():
-        dropped = len(tokenizer.encode(prompt)) - window
-        if dropped > 0:
-            print(f"sdexport: warning: {flag} is longer than the text encoder's {window} tokens; "
-                  f"its last {dropped} tokens are ignored", file=sys.stderr)
-
-
 def _controls(args, pipe) -> list:
     """--control NAME=IMAGE[:SCALE] with the start/end fractions, images preprocessed and fitted
     (``--preprocess depth`` runs the export's depth estimator: Pipeline.depth_control_image)."""
@@ -424,6 +414,8 @@ def png_metadata(settings: dict) -> dict:
         + f"Steps: {settings.get('steps')}, Sampler: {settings.get('scheduler')}, CFG scale: {settings.get('guidance_scale')}, "
         f"Seed: {settings.get('seed')}, Size: {settings.get('width')}x{settings.get('height')}, "
         f"Model hash: {settings.get('model_hash')}, RNG: {settings.get('rng')}"
+        # A1111's names: "Original" is its emphasis, "None" reads the prompt as literal text
+        + (f", Emphasis: {'Original' if settings['emphasis'] else 'None'}" if "emphasis" in settings else "")
     )
     meta["software"] = f"sdexport {__version__}"
     return meta
@@ -556,6 +548,8 @@ def _generate_parser(sub) -> None:
     g.add_argument("dir")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt")
+    g.add_argument("--emphasis", action="store_true",
+                   help="read A1111's prompt syntax: (word:1.3), (word), [word], \\( \\), BREAK (default: literal text, as diffusers)")
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance-scale", type=float)
     g.add_argument("--scheduler", help="ddim, pndm, lms, euler, euler-a, heun, dpmpp-2m, dpmpp-2m-karras, unipc, lcm, ddpm")

@@ -178,6 +178,9 @@ class ShapesOptions(Section):
     height: int | None = setting(kind=int, flag="--height", help="static height in pixels (with --width)")
     width: int | None = setting(kind=int, flag="--width", help="static width in pixels (with --height)")
     batch: int | None = setting(kind=int, flag="--batch", help="static number of prompts per call")
+    prompt_chunks: int | None = setting(kind=int, flag="--prompt-chunks", check=at_least(1),
+                                        help="static exports (and TensorRT's profile): the U-Net's text length in "
+                                             "75-token chunks (default 1: 77 positions; dynamic exports take any)")
     sizes: dict | None = setting(kind=dict, check=_family_sizes,
                                  help="static size per model family ({sd1 = 512, sdxl = 1024}, or [height, width]); "
                                       "a family not listed gets the model's own size")

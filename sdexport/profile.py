@@ -124,7 +124,7 @@ def _model_family(model, flags: Mapping[str, Any]):
 
 
 def resolve(profile: str | None, *, target=None, precision=None, height=None, width=None, batch=None, cfg=None,
-            sections: Mapping[str, Mapping[str, Any]] | None = None, model=None, **flags):
+            prompt_chunks=None, sections: Mapping[str, Mapping[str, Any]] | None = None, model=None, **flags):
     """ExportOptions from a profile (if any) with command-line flags on top: the keyword arguments
     for the head, shapes and cfg, ``sections`` ({section: {field: value}}) for the other tables.
     ``model`` (a model path or a sdexport.sources.family.ModelFamily) picks a static profile's size
@@ -142,6 +142,7 @@ def resolve(profile: str | None, *, target=None, precision=None, height=None, wi
         height, width = size
     if batch is None and shapes.static:
         batch = shapes.batch
+    prompt_chunks = prompt_chunks or shapes.prompt_chunks or 1
     sections = sections or {}
     typed = {}
     for name in ("backend", "coreml", "tensorrt", "onnx", "openvino", "quantize", "validation"):
@@ -152,6 +153,7 @@ def resolve(profile: str | None, *, target=None, precision=None, height=None, wi
         height=height,
         width=width,
         batch=batch,
+        prompt_chunks=prompt_chunks,
         cfg=cfg or p.get("cfg", "mode", "batched"),
         profile_name=p.name,
         description=p.description,

@@ -224,3 +224,22 @@ def test_sequential_cfg_with_control_matches_batched(control_export, files, tmp_
     a = np.asarray(_ours(tmp_path, control_export, *args, "--cfg", "batched"), np.float64)
     b = np.asarray(_ours(tmp_path, control_export, *args, "--cfg", "sequential"), np.float64)
     assert psnr(a, b, peak=255.0) >= MIN_PSNR
+
+
+def test_long_prompt_with_control_equals_diffusers(control_export, tiny_sd1, tiny_controlnets, files, tmp_path):
+    """A 160-token prompt (3 chunks, 231 positions) through the ControlNet and the control U-Net,
+    against diffusers fed the chunked embeddings built with transformers (tests/test_long_prompts)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from tests.test_long_prompts import LONG, _reference_embeds
+
+    text_model = (CLIPTokenizer.from_pretrained(str(tiny_sd1 / "tokenizer")),
+                  CLIPTextModel.from_pretrained(str(tiny_sd1 / "text_encoder")).eval())
+    ours = _ours(tmp_path, control_export, "--prompt", LONG, "--scheduler", "euler-a",
+                 "--control", f"edges={files / 'edges.png'}:1.0")
+    theirs = diffusers_image(
+        tiny_sd1, "control", "euler-a", 5, controlnets=_controlnets(tiny_controlnets, ["edges"]),
+        prompt_embeds=_reference_embeds(text_model, LONG, 3), negative_prompt_embeds=_reference_embeds(text_model, "", 3),
+        image=Image.open(files / "edges.png"), num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    value = psnr(np.asarray(theirs, np.float64), np.asarray(ours, np.float64), peak=255.0)
+    assert value >= MIN_PSNR, f"PSNR {value:.1f} dB < {MIN_PSNR} dB"

@@ -52,8 +52,9 @@ def test_manifest_contract(fp32_export, tiny_sd1):
         # validated at another batch and a non-square size than it was traced with (dynamic axes work)
         assert c.parity["shape"]["batch"] == 2 and c.parity["shape"]["width"] != c.parity["shape"]["height"]
     unet = m.component("unet")
+    assert unet.parity["shape"]["prompt_chunks"] == 2  # checked at two prompt chunks too (S = 154)
     assert [t.describe() for t in unet.inputs] == [
-        "sample: float32[N, 4, h, w]", "timestep: float32[N]", "encoder_hidden_states: float32[N, 77, 32]"]
+        "sample: float32[N, 4, h, w]", "timestep: float32[N]", "encoder_hidden_states: float32[N, S, 32]"]  # S: 77 per 75-token prompt chunk
     m.check_files(verify_hashes=True)
     assert (fp32_export / "tokenizer" / "vocab.json").is_file() and (fp32_export / "scheduler" / "scheduler_config.json").is_file()
 

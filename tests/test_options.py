@@ -16,7 +16,8 @@ from tests.test_cli_errors import assert_one_line_error, run_cli
 # ones: a new setting needs a value here and a reader below.
 EVERY_SETTING = {
     "": {"description": "every setting set", "target": "openvino", "precision": "fp16"},
-    "shapes": {"static": True, "height": 64, "width": 64, "batch": 1, "sizes": {"sdxl": [1024, 1024]}},
+    "shapes": {"static": True, "height": 64, "width": 64, "batch": 1, "sizes": {"sdxl": [1024, 1024]},
+               "prompt_chunks": 2},
     "cfg": {"mode": "sequential"},
     "backend": {"device": "cpu", "providers": ["CPUExecutionProvider"], "threads": 2, "precision_hint": "f32",
                 "performance_hint": "THROUGHPUT", "winograd": "off",
@@ -67,6 +68,7 @@ def _readers():
         ("shapes", "height"): lambda o, m: m.runtime.static_shape.height,
         ("shapes", "width"): lambda o, m: m.runtime.static_shape.width,
         ("shapes", "batch"): lambda o, m: m.runtime.static_shape.batch,
+        ("shapes", "prompt_chunks"): lambda o, m: m.runtime.static_shape.prompt_chunks,
         # per family: what an SDXL model would get (the tiny SD 1.x model gets height and width)
         ("shapes", "sizes"): lambda o, m: {"sdxl": list(ShapesOptions.from_table(EVERY_SETTING["shapes"]).size_for(
             ModelFamily("sdxl", 1024, 1024)))},

@@ -177,6 +177,7 @@ class Shape:
     height: int  # pixels
     width: int
     cfg_batch: int = 2  # N = cfg_batch * B: 2 under batched CFG, 1 when the two branches run one after the other
+    prompt_chunks: int = 1  # the U-Net's text length S = 77 * chunks (runtime.prompts: 75-token chunks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +219,7 @@ def _f32(name: str, *shape) -> TensorSpec:
 def _spatial(shape: Shape, info: ModelInfo) -> dict[str, int]:
     f = info.vae_scale_factor
     return {"B": shape.batch, "N": shape.cfg_batch * shape.batch, "H": shape.height, "W": shape.width,
-            "h": shape.height // f, "w": shape.width // f}
+            "h": shape.height // f, "w": shape.width // f, "S": shape.prompt_chunks * info.max_length}
 
 
 def _residual_dims(info: ModelInfo) -> list[tuple[int, str, str]]:
@@ -272,7 +273,7 @@ def text_encoder_spec(source: Source, info: ModelInfo) -> ComponentSpec:
 
 
 def unet_spec(source: Source, info: ModelInfo, control: bool = False) -> ComponentSpec:
-    seq, hidden = info.max_length, info.text_hidden_size
+    seq, hidden = "S", info.text_hidden_size  # long prompts: 77 positions per chunk
     inputs = [
         _f32("sample", "N", info.unet_in_channels, "h", "w"),
         _f32("timestep", "N"),
@@ -349,7 +350,7 @@ def vae_decoder_spec(source: Source, info: ModelInfo) -> ComponentSpec:
 
 
 def controlnet_spec(cn_source: ControlNetSource, info: ModelInfo) -> ComponentSpec:
-    seq, hidden = info.max_length, info.text_hidden_size
+    seq, hidden = "S", info.text_hidden_size  # long prompts: 77 positions per chunk
     n_res = len(info.control_residuals)
     outputs = tuple(
         _f32(n, "N", ch, hs, ws) for n, (ch, hs, ws) in zip(controlnet_output_names(info), _residual_dims(info))
@@ -361,7 +362,7 @@ def controlnet_spec(cn_source: ControlNetSource, info: ModelInfo) -> ComponentSp
         return (
             torch.randn((n, info.latent_channels, sizes["h"], sizes["w"]), generator=gen),
             torch.randint(1, 1000, (n,), generator=gen).float(),
-            torch.randn((n, seq, hidden), generator=gen),
+            torch.randn((n, sizes["S"], hidden), generator=gen),
             torch.rand((n, 3, shape.height, shape.width), generator=gen),
             torch.rand((n_res,), generator=gen) + 0.5,
         )

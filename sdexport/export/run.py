@@ -68,6 +68,8 @@ def check_options(options: ExportOptions, info: ModelInfo) -> None:
             raise OptionError(f"--{name} {value}: must be a positive multiple of {info.vae_scale_factor}")
     if options.batch is not None and options.batch < 1:
         raise OptionError(f"--batch {options.batch}: must be at least 1")
+    if options.prompt_chunks < 1:
+        raise OptionError(f"--prompt-chunks {options.prompt_chunks}: must be at least 1")
     if options.cfg not in ("batched", "sequential"):
         raise OptionError(f"cfg mode {options.cfg!r}: use batched or sequential")
 
@@ -232,7 +234,7 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
 
 def run_settings(options: ExportOptions, scales: list[float] = ()) -> RunSettings:
     """What the runtime reads: CFG mode, backend options, device loop, static shape, guess-mode scales."""
-    static = StaticShape(options.height, options.width, options.batch) if options.static else None
+    static = StaticShape(options.height, options.width, options.batch, options.prompt_chunks) if options.static else None
     return RunSettings(cfg=options.cfg, backend_options=options.backend.session_options(),
                        device_loop=options.backend.device_loop or "auto", static_shape=static,
                        guess_mode_scales=tuple(scales))

@@ -23,7 +23,7 @@ def validation_shape(spec: ComponentSpec, trace: Shape, static: bool, multiple: 
     size, so a dimension baked in by the trace shows up as an error here, not in a user's run."""
     if static:
         return trace
-    return Shape(trace.batch + 1, trace.height, trace.width + multiple, trace.cfg_batch)
+    return Shape(trace.batch + 1, trace.height, trace.width + multiple, trace.cfg_batch, trace.prompt_chunks + 1)
 
 
 def measure(component: Component, root: Path, spec: ComponentSpec, module: torch.nn.Module, shape: Shape,
@@ -42,7 +42,7 @@ def measure(component: Component, root: Path, spec: ComponentSpec, module: torch
     worst = min(per_output.values(), key=lambda r: r["psnr_db"])
     return {
         "reference": "torch fp32",
-        "shape": {"batch": shape.batch, "height": shape.height, "width": shape.width},
+        "shape": {"batch": shape.batch, "height": shape.height, "width": shape.width, "prompt_chunks": shape.prompt_chunks},
         "max_abs_err": max(r["max_abs_err"] for r in per_output.values()),
         "psnr_db": finite(worst["psnr_db"]),
         "finite": all(np.isfinite(np.asarray(got[t.name])).all() for t in spec.outputs),

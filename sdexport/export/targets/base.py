@@ -39,6 +39,7 @@ class ExportOptions:
     height: int | None = None  # both set: static spatial shapes
     width: int | None = None
     batch: int | None = None  # set: static batch (prompts per call)
+    prompt_chunks: int = 1  # static exports: the U-Net's text length, in 75-token chunks (dynamic: any)
     cfg: str = "batched"  # "batched" (U-Net sees 2B) or "sequential" (B, two calls)
     controlnets: tuple[str, ...] = ()
     depth_estimator: str | None = None  # a DPT folder exported as the depth_estimator component
@@ -89,7 +90,7 @@ class ExportOptions:
     def trace_shape(self, spec: ComponentSpec) -> Shape:
         cfg_batch = 1 if self.cfg == "sequential" else 2
         if self.static:
-            return Shape(self.batch or 1, self.height, self.width, cfg_batch)
+            return Shape(self.batch or 1, self.height, self.width, cfg_batch, self.prompt_chunks)
         return Shape(self.batch or 1, self.dynamic_size + spec.trace_pad, self.dynamic_size, cfg_batch)
 
     @property
@@ -98,7 +99,8 @@ class ExportOptions:
 
     def profile_record(self) -> dict[str, Any]:
         """The resolved profile as the manifest records it (for people; the runtime reads typed fields)."""
-        shapes = {"static": self.static, "height": self.height, "width": self.width, "batch": self.batch}
+        shapes = {"static": self.static, "height": self.height, "width": self.width, "batch": self.batch,
+                  "prompt_chunks": self.prompt_chunks if self.prompt_chunks != 1 else None}
         record: dict[str, Any] = {"name": self.profile_name, "description": self.description, "target": self.target,
                                   "precision": self.precision, "shapes": {k: v for k, v in shapes.items() if v is not None}}
         for name in ("coreml", "tensorrt", "onnx", "openvino", "quantize", "validation"):

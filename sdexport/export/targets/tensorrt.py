@@ -121,7 +121,8 @@ def profile_shapes(spec: ComponentSpec, options: ExportOptions, settings: Engine
         heights, widths = (options.height,) * 3, (options.width,) * 3
     else:
         heights = widths = _size_range(options, settings)
-    shapes = [Shape(b, h, w) for b, h, w in zip(batches, heights, widths)]
+    chunks = (1, 1, options.prompt_chunks) if not options.static else (options.prompt_chunks,) * 3
+    shapes = [Shape(b, h, w, prompt_chunks=c) for b, h, w, c in zip(batches, heights, widths, chunks)]
     sizes = [spec.sizes(s) for s in shapes]
     if options.cfg == "sequential":
         for s, b in zip(sizes, batches):

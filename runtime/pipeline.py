@@ -81,10 +81,10 @@ class _Run:
     init_image: Image.Image | None
     mask_image: Image.Image | None
     do_cfg: bool
-    xl: sdxl.XLRequest | None = None  # SDXL exports: their extra arguments
-    added_cond: dict[str, np.ndarray] | None = None  # SDXL: the U-Net's text_embeds and time_ids
     emphasis: bool = False  # A1111's (x:1.3) [x] BREAK syntax read (runtime.prompts)
     prompt_chunks: int = 1  # 75-token chunks each prompt and negative prompt is encoded as
+    xl: sdxl.XLRequest | None = None  # SDXL exports: their extra arguments
+    added_cond: dict[str, np.ndarray] | None = None  # SDXL: the U-Net's text_embeds and time_ids
 
     @property
     def batch(self) -> int:

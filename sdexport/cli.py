@@ -237,7 +237,7 @@ def cmd_generate(args) -> int:
     _check_generate_values(args)
     controls = _controls(args)
     options = {k: getattr(args, k) for k in ("device", "threads", "compute_units", "winograd") if getattr(args, k)}
-    pipe = Pipeline.from_dir(args.dir, options=options or None, cfg=args.cfg)
+    pipe = Pipeline.from_dir(args.dir, options=options or None, cfg=args.cfg, loras=args.lora or ())
     _warn_truncated(pipe.tokenizer, {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt or ""})
     result = pipe.generate(
         args.prompt,
@@ -485,6 +485,8 @@ def _generate_parser(sub) -> None:
     g.add_argument("--strength", type=float)
     g.add_argument("--mask", help="inpainting mask (white = repaint), same size as --image")
     _control_args(g)
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="apply a LoRA (.safetensors) to the export's weights at run time (repeatable)")
     g.add_argument("--cfg", choices=declared.CFG_MODES, help="override the export's CFG batching")
     g.add_argument("--device", help="backend device: cpu, cuda, gpu, npu, auto ...")
     g.add_argument("--threads", type=int)

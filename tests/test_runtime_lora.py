@@ -247,3 +247,25 @@ def test_cli_generate_with_lora(exports, loras, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and "attn2_to_k.lora_down.weight: adapts a 1024->32 layer" in err[0], err
     assert not (tmp_path / "y.png").exists()
+
+
+def test_external_data_weights_are_patched_too(exports, loras, tmp_path):
+    """Exports over 2 GB keep weights in model.onnx_data: those are replaced through
+    add_external_initializers, the inline ones in the model bytes; the image is the inline export's."""
+    import json
+    import shutil
+
+    import onnx
+
+    from runtime.manifest import FileRef
+
+    artifact = tmp_path / "external"
+    shutil.copytree(exports["onnx"], artifact)
+    path = artifact / "unet" / "model.onnx"
+    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, location="model.onnx_data",
+                    size_threshold=5000)  # 3x3 convolutions external, the 32x32 MatMul weights inline
+    data = json.loads((artifact / "sdexport.json").read_text())
+    data["components"]["unet"]["files"] = [FileRef.of(artifact, p).to_json() for p in (path, path.with_name("model.onnx_data"))]
+    (artifact / "sdexport.json").write_text(json.dumps(data))
+    specs = [(loras["a"], 0.7), (loras["b"], 0.5)]
+    assert np.array_equal(image(Pipeline.from_dir(artifact, loras=specs)), image(Pipeline.from_dir(exports["onnx"], loras=specs)))

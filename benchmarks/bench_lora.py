@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, chosen, switch in (("no LoRA", [], names[1:2]), ("1 LoRA", names[:1], names[1:2]), ("5 LoRAs", names, [])):
             data["runs"][f"{target} {label}"] = child(CHILD, artifact, json.dumps(chosen), json.dumps(switch))
             print(target, label, data["runs"][f"{target} {label}"], file=sys.stderr)
+            write_results("lora-runtime-cpu", data, markdown(data), args.out)  # each run kept as it finishes
         if not args.skip_fused:
             data["runs"][f"{target} export --lora (1 LoRA)"] = child(EXPORT_CHILD, model, args.work / f"{target}-fused", target, json.dumps(names[:1]))
         write_results("lora-runtime-cpu", data, markdown(data), args.out)

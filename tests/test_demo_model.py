@@ -95,14 +95,15 @@ def test_held_out_captions_never_appear_in_training(prompts):
     assert {s.key for s in data.scenes(2000, seed=0)} <= train
 
 
-def test_demo_prompts_are_held_out_captions():
-    from sdexport.demo.run import CONTROL_SCENE, PROMPTS
+def test_demo_prompts_ask_only_for_what_the_model_learned():
+    """No position words: the model places 25% of held-out shapes where the caption says (issue 18)."""
+    from sdexport.demo.run import CONTROL_PROMPT, CONTROL_SCENE, PROMPTS
 
-    held = set(data.held_out_combinations())
-    for prompt in PROMPTS[1:]:
+    for prompt in (*PROMPTS, CONTROL_PROMPT):
         wanted = semantic.parse_caption(prompt)
-        assert tuple(wanted[k] for k in ("shape", "color", "size", "position", "background")) in held, prompt
-    assert CONTROL_SCENE.key in held
+        assert wanted["position"] is None and " in the " not in prompt, prompt
+        assert wanted["color"] and wanted["shape"], prompt
+    assert CONTROL_SCENE.key in set(data.held_out_combinations())  # the edge map comes from an unseen scene
 
 
 def test_scenes_are_deterministic_for_a_seed():

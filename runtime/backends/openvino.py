@@ -38,6 +38,7 @@ DEVICES = ("cpu", "gpu", "npu", "auto")
 PRECISION_HINTS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 WINOGRAD = ("auto", "off")
+_CANCEL_GRACE_S = 5.0  # how long Ctrl-C waits for a cancelled request to return
 
 _CORE: ov.Core | None = None
 
@@ -220,7 +221,11 @@ class OpenVinoSession:
             while not done.wait(0.1):
                 pass
         except KeyboardInterrupt:
-            threading.Thread(target=self._request.cancel, daemon=True).start()
+            self._request.cancel()
+            # The worker must leave OpenVINO before the interpreter exits: tearing the plugin down under
+            # a running request aborts the process ("terminate called without an active exception",
+            # exit -6 instead of 130). A cancelled CPU request returns at its next node.
+            done.wait(_CANCEL_GRACE_S)
             raise
         if isinstance(outcome[0], BaseException):
             raise outcome[0]

@@ -47,14 +47,16 @@ DEMO_MARKER = "demo.json"
 
 STEPS = 20
 GUIDANCE = 5.0
-# A short prompt, then captions from the held-out split (no training image had these combinations).
+# Captions name what the model learned: colour, shape, size, background. No position: the model ignores
+# position words (25% on held-out captions, provenance.json), and a prompt should not ask for what it
+# cannot do. Training dropped the position from 15% of captions, so this form is a trained one.
 PROMPTS = (
     "a red circle on a blue background",
-    "a large blue star in the center on a yellow background",
-    "a small green triangle in the top right on a black background",
-    "a large yellow cross in the top left on a purple background",
-    "a small purple square in the bottom right on a white background",
-    "a large white circle in the top right on a red background",
+    "a large blue star on a yellow background",
+    "a small green triangle on a black background",
+    "a large yellow cross on a purple background",
+    "a small purple square on a white background",
+    "a large white circle on a red background",
 )
 # The ControlNet example: the Canny edges of a held-out scene, and a prompt that names its colours only.
 CONTROL_SCENE = data.Scene("star", "white", "small", "bottom left", "red")

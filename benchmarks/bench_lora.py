@@ -133,8 +133,13 @@ def markdown(data: dict) -> str:
     for label, r in data["runs"].items():
         switch = f"{r['switch_seconds']:.1f}" if "switch_seconds" in r else ""
         lines.append(f"| {label} | {r['seconds']:.1f} | {r['peak_rss'] / gb:.2f} | {switch} | {', '.join(r.get('reloaded', []))} |")
-    lines += ["", "Sessions: U-Net and text encoder opened (and patched) in a fresh process; 'no LoRA' is the base "
-              "cost of opening them; the fused route is `export --lora` with validation off (`validate=False`)."]
+    lines += ["", "Each row is a fresh process opening the U-Net and text encoder sessions (patched with the LoRAs); "
+              "'no LoRA' ran first, so its time includes the first sha256 verification of the export's files (and, "
+              "for OpenVINO, writing the compiled-model cache), which later opens skip. The switch is `set_loras` "
+              "to another LoRA on the warm pipeline plus re-opening the sessions it names (the VAE stays). The fused "
+              "route is `sdexport export --lora` (validation off, `validate=False`), the base export the same path "
+              "without a LoRA. Timings were taken on a shared 2-core machine with other jobs running: compare rows "
+              "with each other, not with other result files."]
     return "\n".join(lines)
 
 

@@ -40,7 +40,7 @@ MANIFEST_NAME = "sdexport.json"
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
 FEEDABLE_DTYPES = tuple(d for d in DTYPES if d != "bfloat16")  # numpy has no bfloat16 to feed or read
-ROLES = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "controlnet")
+ROLES = ("text_encoder", "unet", "vae_encoder", "vae_decoder", "controlnet", "depth_estimator")
 
 
 class ManifestError(ValueError):
@@ -175,6 +175,9 @@ class ModelInfo:
     # ControlNet residuals the U-Net takes: per residual, [channels, downsampling relative to latents].
     control_residuals: tuple[tuple[int, int], ...] = ()
     recommended: dict[str, Any] = dataclasses.field(default_factory=dict)  # default steps/guidance/scheduler
+    # The x4 upscaler: the highest noise level (class label) it takes; its DDPM config for noising the
+    # low-resolution input is runtime.upscale.LOW_RES_SCHEDULER in the artifact.
+    max_noise_level: int | None = None
 
     @property
     def is_inpainting(self) -> bool:
@@ -215,6 +218,9 @@ class ModelInfo:
         shift = self.vae_shift_factor
         if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift)):
             raise ManifestError(f"model.vae_shift_factor {shift!r}: expected a finite number or null")
+        level = self.max_noise_level
+        if level is not None and (isinstance(level, bool) or not isinstance(level, int) or level < 0):
+            raise ManifestError(f"model.max_noise_level {level!r}: expected an integer >= 0 or null")
         self._check_recommended()
 
     def _check_recommended(self) -> None:

@@ -15,9 +15,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from runtime import depth as depthproc
 from runtime import image as imgproc
 from runtime.backends import SessionOptions, open_session
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, ManifestError
 from runtime.numerics import check_finite
 from runtime.resources import check_request
 from runtime.rng import RNG_KINDS, make_rng
@@ -93,6 +94,7 @@ class _Latents:
     noise: np.ndarray | None = None  # the noise added to it, to re-noise the kept area at each step
     mask: np.ndarray | None = None  # [B, 1, h, w], 1 where to paint
     masked_image: np.ndarray | None = None  # the encoded input image with the area to paint blanked
+    depth: np.ndarray | None = None  # depth-to-image: [B, 1, h, w] in [-1, 1], the U-Net's fifth channel
 
 
 def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
@@ -319,17 +321,31 @@ class Pipeline:
         callback: Callable[[int, float, np.ndarray], None] | None = None,
         progress: bool = False,
         return_latents: bool = False,
+        noise_level: int | None = None,
+        tiling: Any = None,
+        depth_map: Image.Image | str | Path | None = None,
     ) -> Result:
+        if self.info.family == "upscaler":  # its own loop: runtime.upscale
+            if any(v is not None for v in (height, width, strength, mask, depth_map)) or controls:
+                raise PipelineInputError("an x4 upscaler export takes --image (output 4x its size) and --noise-level; "
+                                         "--height, --width, --strength, --mask and --control do not apply")
+            return self._upscale(prompt, negative_prompt, return_latents, image=image, noise_level=noise_level,
+                                 steps=steps, guidance_scale=guidance_scale, scheduler=scheduler, seed=seed, rng=rng,
+                                 tiling=tiling, callback=callback, progress=progress)
+        if noise_level is not None or tiling is not None:
+            raise PipelineInputError("--noise-level and tiling apply to x4 upscaler exports only")
         t_start = time.perf_counter()
         self.timings.clear()
         self.calls.clear()
         run = self.check_inputs(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, rng=rng,
                                 height=height, width=width, image=image, strength=strength, mask=mask)
+        given_depth = self._depth_input(run, depth_map)  # checked before any model runs
         noise_rng = make_rng(seed, rng)
         sched = self.make_scheduler(scheduler)
         embeddings = self.text_embeddings(run)
         timesteps = self.prepare_timesteps(sched, run)
         state = self.prepare_latents(run, sched, timesteps, noise_rng)
+        state.depth = self.prepare_depth(run, given_depth)
         control_state = self._prepare_controls(controls, run.height, run.width, run.batch, run.do_cfg, guess_mode,
                                                len(timesteps))
         loop, loop_reason = self.choose_loop(sched, timesteps, control_state, run.mask_image)
@@ -344,6 +360,22 @@ class Pipeline:
                                   guess_mode=guess_mode, loop="device" if loop is not None else "numpy")
         return Result(images, latents if return_latents else None, seed, settings, dict(self.timings),
                       dict(self.calls), loop_reason)
+
+    def _upscale(self, prompt, negative_prompt, return_latents: bool, **kwargs) -> Result:
+        """An x4 upscaler export's run (runtime.upscale), as a Result."""
+        from runtime.upscale import UpscaleInputError, upscale
+
+        t_start = time.perf_counter()
+        self.timings.clear()
+        self.calls.clear()
+        prompts, negatives = _prompt_lists(prompt, negative_prompt)
+        try:
+            out = upscale(self, prompts, negatives, **kwargs)
+        except UpscaleInputError as e:
+            raise PipelineInputError(str(e)) from None
+        self.timings["total"] = time.perf_counter() - t_start
+        return Result(out.images, out.latents if return_latents else None, kwargs["seed"], out.settings,
+                      dict(self.timings), dict(self.calls), "the upscaler runs the numpy loop")
 
     # -- 1. inputs ------------------------------------------------------------------------------
 
@@ -488,6 +520,8 @@ class Pipeline:
             extra = np.concatenate([state.mask, state.masked_image], axis=1)
             if run.do_cfg:
                 extra = np.concatenate([extra, extra])
+        elif state.depth is not None:
+            extra = np.concatenate([state.depth, state.depth]) if run.do_cfg else state.depth
         start = time.perf_counter()
         latents = loop.denoise(sched, timesteps, state.latents, embeddings, guidance_scale=run.guidance_scale,
                                rng=rng, cfg=self.cfg if run.do_cfg else "off", extra=extra, callback=callback)
@@ -505,6 +539,9 @@ class Pipeline:
             if run.do_cfg:
                 extra = [np.concatenate([e, e]) for e in extra]
             unet_input = np.concatenate([model_input, *extra], axis=1)
+        elif state.depth is not None:
+            depth = np.concatenate([state.depth, state.depth]) if run.do_cfg else state.depth
+            unet_input = np.concatenate([model_input, depth], axis=1)
         residuals = self._control_residuals(controls, i, t, latents, model_input, embeddings, sched, run.do_cfg)
         noise_pred = self._unet(unet_input, t, embeddings, residuals, run.do_cfg)
         if run.do_cfg:
@@ -519,6 +556,67 @@ class Pipeline:
         if i < len(timesteps) - 1:
             proper = sched.add_noise(state.image_latents, state.noise, np.asarray([timesteps[i + 1]]))
         return ((1 - state.mask) * proper + state.mask * latents).astype(F32)
+
+    # -- depth -----------------------------------------------------------------------------------
+
+    @property
+    def is_depth(self) -> bool:
+        """A depth-to-image U-Net: latents plus one depth channel."""
+        return self.info.unet_in_channels == self.info.latent_channels + 1
+
+    def _depth_input(self, run: _Run, depth_map) -> np.ndarray | None:
+        """The user's depth map [1, H, W] (or None: estimated), checked before any model runs."""
+        if not self.is_depth:
+            if depth_map is not None:
+                raise PipelineInputError(f"a depth map is for depth-to-image models; this export is {self.info.family}")
+            return None
+        if run.init_image is None:
+            raise PipelineInputError("this is a depth-to-image model: give an input image (--image)")
+        if depth_map is None:
+            if "depth_estimator" not in self.manifest.components:
+                raise PipelineInputError("this export has no depth estimator: give a depth map (--depth-map)")
+            return None
+        image = imgproc.load_image(depth_map, "depth map")
+        try:
+            return depthproc.depth_map_array(image, run.init_image.height, run.init_image.width)
+        except depthproc.DepthInputError as e:
+            raise PipelineInputError(str(e)) from None
+
+    def prepare_depth(self, run: _Run, given: np.ndarray | None) -> np.ndarray | None:
+        """diffusers' prepare_depth_map: the depth (given, else estimated) at latent size in [-1, 1]."""
+        if not self.is_depth:
+            return None
+        depth = given if given is not None else self.estimate_depth(run.init_image)
+        f = self.info.vae_scale_factor
+        try:
+            condition = depthproc.depth_condition(depth, run.height // f, run.width // f,
+                                                  "depth map" if given is not None else "estimated depth")
+        except depthproc.DepthInputError as e:
+            raise PipelineInputError(str(e)) from None
+        return np.repeat(condition, run.batch, axis=0)
+
+    def estimate_depth(self, image: Image.Image) -> np.ndarray:
+        """The exported depth estimator on an image, preprocessed as its DPTImageProcessor: [1, H', W']."""
+        component = self.manifest.component("depth_estimator")
+        try:
+            config = depthproc.processor_config(component.details)
+        except (depthproc.DepthInputError, TypeError) as e:
+            raise ManifestError(f"depth_estimator: {e}") from None
+        pixels = depthproc.dpt_pixel_values(image, config)
+        depth = self.session("depth_estimator").run({"pixel_values": pixels})["predicted_depth"]
+        check_finite("depth_estimator", depth, component.precision)
+        return np.asarray(depth, F32)
+
+    def depth_control_image(self, image: Image.Image | str | Path) -> Image.Image:
+        """A photo -> the control image of a depth ControlNet (runtime.depth.depth_control_image), same size."""
+        if "depth_estimator" not in self.manifest.components:
+            raise PipelineInputError("--preprocess depth needs a depth estimator in the export "
+                                     "(sdexport export ... --depth-estimator DIR)")
+        image = imgproc.load_image(image, "control image")
+        try:
+            return depthproc.depth_control_image(self.estimate_depth(image)[0], image.height, image.width)
+        except depthproc.DepthInputError as e:
+            raise PipelineInputError(str(e)) from None
 
     # -- 5. what the run was --------------------------------------------------------------------
 

@@ -12,9 +12,11 @@ channel is dropped, as ``control_to_array`` drops it).
 - ``scribble``: a drawing binarised at 127 so that strokes end up white on black, whichever way
   round they were drawn (the rule is in ``scribble``'s docstring).
 - ``invert``: 255 - value, per channel.
-- ``none``: the image as it is. Depth, pose (OpenPose skeletons), normal and segmentation maps are
+- ``none``: the image as it is. Pose (OpenPose skeletons), normal and segmentation maps are
   produced by models that sdexport does not ship: users hand them in ready-made, and they go
-  through ``none`` (and ``fit`` when their aspect ratio differs from the output's).
+  through ``none`` (and ``fit`` when their aspect ratio differs from the output's). Depth maps
+  too, or ``--preprocess depth`` computes them with an exported DPT (a model, so not here:
+  ``runtime.pipeline.Pipeline.depth_control_image`` and ``runtime.depth``).
 
 ``fit`` brings any of these to the output size by stretching, cropping or padding.
 """

@@ -69,19 +69,31 @@ def cmd_export(args) -> int:
         cfg=cfg.get("mode"),
         sections=flags,
         controlnets=tuple(args.controlnet or ()),
+        depth_estimator=args.depth_estimator,
         loras=tuple(args.lora or ()),
         source_config=args.config,
         prediction_type=args.prediction_type,
         few_step=args.few_step,
+        vae=args.vae,
         validate=not args.no_validate,
         overwrite=args.overwrite,
         dry_run=args.dry_run,
+        model=args.source,  # a static profile's size is per model family
     )
     manifest = export(args.source, args.out, options, progress=not args.quiet, command=sys.argv[1:])
     if not args.quiet:
         print(describe(manifest))
     if manifest.root is None:  # a dry run over an existing --out: checked, nothing replaced
         print(f"{args.out}: exists; the dry run checked it and wrote nothing (a dry run replaces nothing)", file=sys.stderr)
+    return 0
+
+
+def cmd_export_vae(args) -> int:
+    from sdexport.export.swap_vae import export_vae_into
+
+    manifest = export_vae_into(args.vae, args.into, progress=not args.quiet, command=sys.argv[1:])
+    if not args.quiet:
+        print(describe(manifest))
     return 0
 
 
@@ -235,9 +247,9 @@ def cmd_generate(args) -> int:
     if latents_out is not None and os.path.abspath(latents_out) == os.path.abspath(output):
         raise UsageError("--latents-out names the same file as --output")
     _check_generate_values(args)
-    controls = _controls(args)
     options = {k: getattr(args, k) for k in ("device", "threads", "compute_units", "winograd") if getattr(args, k)}
     pipe = Pipeline.from_dir(args.dir, options=options or None, cfg=args.cfg, loras=args.lora or ())
+    controls = _controls(args, pipe)
     _warn_truncated(pipe.tokenizer, {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt or ""})
     result = pipe.generate(
         args.prompt,
@@ -252,10 +264,12 @@ def cmd_generate(args) -> int:
         image=args.image,
         strength=args.strength,
         mask=args.mask,
+        depth_map=args.depth_map,
         controls=controls,
         guess_mode=args.guess_mode,
         progress=not args.quiet,
         return_latents=latents_out is not None,
+        **_upscale_args(args),
     )
     files = [(output, imgproc.png_bytes(result.image, png_metadata(result.settings)))]
     if latents_out is not None:
@@ -274,6 +288,20 @@ def cmd_generate(args) -> int:
         total = result.timings["total"]
         print(f"wrote {output} ({result.image.width}x{result.image.height}) in {total:.2f} s", file=sys.stderr)
     return 0
+
+
+def _upscale_args(args) -> dict:
+    """x4 upscaler exports: --noise-level and the tiling of large inputs (passed only when given)."""
+    out = {}
+    if args.noise_level is not None:
+        out["noise_level"] = args.noise_level
+    if args.tile is not None or args.tile_overlap is not None:
+        from runtime.upscale import Tiling
+
+        default = Tiling()
+        out["tiling"] = Tiling(default.size if args.tile is None else args.tile,
+                               default.overlap if args.tile_overlap is None else args.tile_overlap)
+    return out
 
 
 def _check_generate_values(args) -> None:
@@ -308,8 +336,9 @@ def _warn_truncated(tokenizer, prompts: dict[str, str]) -> None:
                   f"its last {dropped} tokens are ignored", file=sys.stderr)
 
 
-def _controls(args) -> list:
-    """--control NAME=IMAGE[:SCALE] with the start/end fractions, images preprocessed and fitted."""
+def _controls(args, pipe) -> list:
+    """--control NAME=IMAGE[:SCALE] with the start/end fractions, images preprocessed and fitted
+    (``--preprocess depth`` runs the export's depth estimator: Pipeline.depth_control_image)."""
     from runtime import image as imgproc
     from runtime.pipeline import PipelineInputError
 
@@ -323,7 +352,10 @@ def _controls(args) -> list:
     for c in controls:
         image = imgproc.load_image(c.image, f"control image for {c.name}")
         try:
-            image = preprocess(image, args.preprocess, **_preprocess_params(args))
+            if args.preprocess == "depth":
+                image = pipe.depth_control_image(image)
+            else:
+                image = preprocess(image, args.preprocess, **_preprocess_params(args))
             if args.height and args.width:
                 image = fit(image, args.height, args.width, args.control_fit)
         except imgproc.ImageInputError:
@@ -411,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdexport", description="Export Stable Diffusion to ONNX / OpenVINO / Core ML / TensorRT and run it without PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_export_parser, _merge_parser, _merge_lora_parser, _generate_parser, _bench_parser, _quality_parser,
+    for add in (_export_parser, _export_vae_parser, _merge_parser, _merge_lora_parser, _generate_parser, _bench_parser, _quality_parser,
                 _demo_parser, _profiles_parser, _inspect_parser):
         add(sub)
     return parser
@@ -426,6 +458,8 @@ def _export_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     declared.add_flags(p)  # the profile's settings that have a flag: --target, --precision, --height ...
     p.add_argument("--controlnet", action="append", metavar="[NAME=]PATH", help="a diffusers ControlNet folder (repeatable)")
+    p.add_argument("--depth-estimator", metavar="DIR", help="a DPT depth estimator to export with it (a depth-to-image "
+                   "model folder or a transformers DPT folder), for generate --preprocess depth")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="a LoRA (diffusers/PEFT or kohya) fused into the weights; repeatable, applied in order")
     p.add_argument("--config", metavar="DIR", help="single files: a diffusers folder whose configs describe the "
@@ -434,11 +468,22 @@ def _export_parser(sub) -> None:
                    help="single files: SD 2.x v-models cannot be told from their weights (default for SD 2.x: v)")
     p.add_argument("--few-step", choices=("lcm", "turbo"),
                    help="an LCM(-LoRA) or SD-Turbo-style model: its sampler, steps and guidance as defaults")
+    p.add_argument("--vae", metavar="DIR_OR_FILE", help="export with another VAE: a diffusers AutoencoderKL folder, "
+                   "or one .safetensors in diffusers or original (LDM) names, e.g. vae-ft-mse-840000-ema-pruned")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check against torch")
     p.add_argument("--dry-run", action="store_true", help="resolve and check everything, write a plan manifest, convert nothing")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
+
+
+def _export_vae_parser(sub) -> None:
+    v = sub.add_parser("export-vae", help="export a VAE on its own and make it an artifact's VAE (atomic swap)")
+    v.add_argument("vae", help="a diffusers AutoencoderKL folder, or one .safetensors in diffusers or original (LDM) names")
+    v.add_argument("--into", required=True, metavar="ART", help="the artifact directory whose VAE it replaces "
+                   "(its target, precision and shapes are used; nothing else is re-exported)")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=cmd_export_vae)
 
 
 def _merge_parser(sub) -> None:
@@ -484,9 +529,16 @@ def _generate_parser(sub) -> None:
     g.add_argument("--image", help="input image for img2img / inpainting")
     g.add_argument("--strength", type=float)
     g.add_argument("--mask", help="inpainting mask (white = repaint), same size as --image")
+    g.add_argument("--depth-map", help="depth-to-image: your own depth map for --image (a one-channel image of its "
+                   "size, 8/16-bit gray or 32-bit; larger = nearer, as DPT), instead of the exported estimator's")
     _control_args(g)
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="apply a LoRA (.safetensors) to the export's weights at run time (repeatable)")
+    g.add_argument("--noise-level", type=int, help="x4 upscaler: noise added to the input, 0..max_noise_level "
+                   "(default 20, as diffusers)")
+    g.add_argument("--tile", type=int, help="x4 upscaler: tile side in input pixels for large inputs "
+                   "(default 256; 0: never tile); tiles overlap and are blended with linear feathering")
+    g.add_argument("--tile-overlap", type=int, help="x4 upscaler: input pixels neighbouring tiles share (default 32)")
     g.add_argument("--cfg", choices=declared.CFG_MODES, help="override the export's CFG batching")
     g.add_argument("--device", help="backend device: cpu, cuda, gpu, npu, auto ...")
     g.add_argument("--threads", type=int)
@@ -506,7 +558,8 @@ def _control_args(g) -> None:
     g.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where control starts")
     g.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where control ends")
     g.add_argument("--guess-mode", action="store_true", help="control on the conditional branch only")
-    g.add_argument("--preprocess", default="none", help="none | canny | threshold | scribble | invert (applied to control images)")
+    g.add_argument("--preprocess", default="none", help="none | canny | threshold | scribble | invert | depth (applied to control images; depth runs the "
+                   "export's depth estimator)")
     g.add_argument("--control-fit", choices=("resize", "crop", "pad"), default="resize",
                    help="how control images meet --height/--width: stretch (as diffusers), center-crop, or pad")
     g.add_argument("--canny-low", type=int, default=100)

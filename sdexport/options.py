@@ -34,6 +34,8 @@ FRONTENDS = ("torch", "onnx")
 HARDWARE_LEVELS = ("none", "ampere_plus")
 ACTIVATIONS = ("int8", "uint8")
 DEFAULT_DEPLOYMENT_TARGET = "macOS14"
+# Families a profile can size separately ([shapes] sizes); inpainting and the SDXL refiner count as their base.
+MODEL_FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 
 
 # --- declarations ----------------------------------------------------------------------------------
@@ -68,6 +70,17 @@ def _triple(value) -> str | None:
     ok = (len(value) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
           and value[0] <= value[1] <= value[2])
     return None if ok else f"must be three positive integers [min, opt, max] in order, got {list(value)!r}"
+
+
+def _family_sizes(value) -> str | None:
+    for family, size in value.items():
+        if family not in MODEL_FAMILIES:
+            return f"has {family!r}: families are {', '.join(MODEL_FAMILIES)}"
+        sizes = [size] * 2 if isinstance(size, int) and not isinstance(size, bool) else size
+        if not (isinstance(sizes, (list, tuple)) and len(sizes) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 8 == 0 for v in sizes)):
+            return f"{family}: expected a size in pixels (a multiple of 8) or [height, width], got {size!r}"
+    return None
 
 
 def _type_name(kind) -> str:
@@ -165,6 +178,22 @@ class ShapesOptions(Section):
     height: int | None = setting(kind=int, flag="--height", help="static height in pixels (with --width)")
     width: int | None = setting(kind=int, flag="--width", help="static width in pixels (with --height)")
     batch: int | None = setting(kind=int, flag="--batch", help="static number of prompts per call")
+    sizes: dict | None = setting(kind=dict, check=_family_sizes,
+                                 help="static size per model family ({sd1 = 512, sdxl = 1024}, or [height, width]); "
+                                      "a family not listed gets the model's own size")
+
+    def size_for(self, family) -> tuple[int, int] | None:
+        """Static (height, width) for a model (a sdexport.sources.family.ModelFamily; None: unknown, then
+        the SD 1.x entry, the size these profiles had before they knew families), or None if dynamic:
+        the family's entry in ``sizes``, else the profile's one height and width, else the model's own size."""
+        if not self.static:
+            return None
+        size = (self.sizes or {}).get(family.name if family is not None else "sd1")
+        if size is not None:
+            return (size, size) if isinstance(size, int) else (size[0], size[1])
+        if self.height is not None and self.width is not None:
+            return self.height, self.width
+        return (family.height, family.width) if family is not None else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,8 +64,8 @@ def validate(data: dict, source: str) -> dict:
         if required not in data:
             raise OptionError(f"{source}: missing field {required!r}")
     shapes = data.get("shapes", {})
-    if shapes.get("static") and not ("height" in shapes and "width" in shapes):
-        raise OptionError(f"{source}: shapes.static needs shapes.height and shapes.width")
+    if shapes.get("static") and not ("height" in shapes and "width" in shapes) and not shapes.get("sizes"):
+        raise OptionError(f"{source}: shapes.static needs shapes.height and shapes.width, or shapes.sizes per model family")
     return data
 
 
@@ -91,21 +91,55 @@ def listing() -> str:
     for name, path in available().items():
         p = load(str(path))
         shapes = p.data.get("shapes", {})
-        shape = f"static {shapes['width']}x{shapes['height']}" if shapes.get("static") else "dynamic"
+        shape = _shape_listing(shapes)
         lines.append(f"{name:<20} {p.data['target']:<9} {p.data['precision']:<7} {shape:<16} {p.description}")
     return "\n".join(lines)
 
 
+def _shape_listing(shapes: Mapping[str, Any]) -> str:
+    if not shapes.get("static"):
+        return "dynamic"
+    if "height" in shapes and "width" in shapes:
+        return f"static {shapes['width']}x{shapes['height']}"
+    return "static by family"
+
+
+def _model_family(model, flags: Mapping[str, Any]):
+    """A ModelFamily from what ``resolve`` was given: one, a model path (its configs read, or the single
+    file opened as its export opens it: no weights are read, errors are the export's), or None."""
+    if model is None or hasattr(model, "name"):
+        return model
+    from sdexport.sources.family import family_of_folder, family_of_source
+    from sdexport.sources.open import open_source
+
+    config = flags.get("source_config")
+    found = family_of_folder(Path(model)) if config is None else None
+    if found is not None:
+        return found
+    source = open_source(model, config=config, prediction_type=flags.get("prediction_type"))
+    try:
+        return family_of_source(source)
+    finally:
+        getattr(source, "close", lambda: None)()
+
+
 def resolve(profile: str | None, *, target=None, precision=None, height=None, width=None, batch=None, cfg=None,
-            sections: Mapping[str, Mapping[str, Any]] | None = None, **flags):
+            sections: Mapping[str, Mapping[str, Any]] | None = None, model=None, **flags):
     """ExportOptions from a profile (if any) with command-line flags on top: the keyword arguments
-    for the head, shapes and cfg, ``sections`` ({section: {field: value}}) for the other tables."""
+    for the head, shapes and cfg, ``sections`` ({section: {field: value}}) for the other tables.
+    ``model`` (a model path or a sdexport.sources.family.ModelFamily) picks a static profile's size
+    for the model's family (``[shapes] sizes``; SDXL 1024, SD 1.x 512 in the shipped profiles)."""
     from sdexport.export.targets.base import ExportOptions
 
     p = load(profile) if profile else Profile("custom", None, {})
     shapes = options.ShapesOptions.from_table(p.data.get("shapes", {}))
     if height is None and width is None and shapes.static:
-        height, width = shapes.height, shapes.width
+        needs_family = bool(shapes.sizes) or shapes.height is None or shapes.width is None
+        size = shapes.size_for(_model_family(model, flags) if needs_family else None)
+        if size is None:
+            raise OptionError(f"profile {p.name}: no static size for a model of unknown family (no shapes.sizes sd1 "
+                              f"entry, no shapes.height and width); pass --height and --width")
+        height, width = size
     if batch is None and shapes.static:
         batch = shapes.batch
     sections = sections or {}

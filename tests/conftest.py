@@ -57,6 +57,14 @@ def tiny_inpaint(tmp_path_factory) -> Path:
     return _tiny(tmp_path_factory, "inpaint")
 
 
+@pytest.fixture(scope="session")
+def tiny_depth(tmp_path_factory) -> Path:
+    """A depth-to-image pipeline (5-channel U-Net, tiny DPT depth estimator)."""
+    from sdexport.demo.tiny import save_tiny_depth_pipeline
+
+    return save_tiny_depth_pipeline(tmp_path_factory.mktemp("tiny-depth") / "model")
+
+
 def save_tiny_controlnet(unet_dir: Path, out: Path, seed: int) -> Path:
     """A ControlNet copied from the tiny U-Net, with its zero-initialised convolutions randomised
     (a fresh ``from_unet`` ControlNet outputs exact zeros, and a parity test with it proves nothing)."""

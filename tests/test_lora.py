@@ -287,7 +287,7 @@ def _bad_loras(root: Path, good: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("name, needle", [
     ("nothing", r"none of its 4 LoRA modules match this model \(cross-attention width 32\), e\.g\. lora_unet_foo_0_bar"),
     ("partial", r"1 of its \d+ LoRA modules match nothing .*unet\.not_a_block\.to_q"),
-    ("sdxl", r"none of its 1 LoRA modules match .*it looks like a LoRA for SDXL"),
+    ("sdxl", r"a LoRA for SDXL, but the model is SD 1.x/2.x \(this model \(cross-attention width 32\)\)"),
     ("sd2", r"a LoRA for another model family \(it looks like a LoRA for SD 2.x\): .*adapts a 1024->32 layer but "
             r"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k of .* is 32->32"),
     ("loha", "a LoHa \\(LyCORIS\\) file"),

@@ -16,7 +16,7 @@ from tests.test_cli_errors import assert_one_line_error, run_cli
 # ones: a new setting needs a value here and a reader below.
 EVERY_SETTING = {
     "": {"description": "every setting set", "target": "openvino", "precision": "fp16"},
-    "shapes": {"static": True, "height": 64, "width": 64, "batch": 1},
+    "shapes": {"static": True, "height": 64, "width": 64, "batch": 1, "sizes": {"sdxl": [1024, 1024]}},
     "cfg": {"mode": "sequential"},
     "backend": {"device": "cpu", "providers": ["CPUExecutionProvider"], "threads": 2, "precision_hint": "f32",
                 "performance_hint": "THROUGHPUT", "winograd": "off",
@@ -35,7 +35,11 @@ EVERY_SETTING = {
 
 
 def _toml(tables: dict) -> str:
-    value = json.dumps  # these JSON scalars and arrays are TOML too
+    def value(v):  # JSON scalars and arrays are TOML too; tables are written inline
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {json.dumps(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)
+
     lines = [f"{k} = {value(v)}" for k, v in tables[""].items()]
     for name, table in tables.items():
         if name:
@@ -47,6 +51,8 @@ def _readers():
     """(section, field) -> what the export or the runtime reads for it, from the resolved options and
     the written manifest, through the code that reads it."""
     from runtime.backends.base import SessionOptions
+    from sdexport.options import ShapesOptions
+    from sdexport.sources.family import ModelFamily
     from sdexport.export.targets.coreml import CoreMLSettings
     from sdexport.export.targets.onnx import optimize_mode
     from sdexport.export.targets.tensorrt import EngineSettings
@@ -61,6 +67,9 @@ def _readers():
         ("shapes", "height"): lambda o, m: m.runtime.static_shape.height,
         ("shapes", "width"): lambda o, m: m.runtime.static_shape.width,
         ("shapes", "batch"): lambda o, m: m.runtime.static_shape.batch,
+        # per family: what an SDXL model would get (the tiny SD 1.x model gets height and width)
+        ("shapes", "sizes"): lambda o, m: {"sdxl": list(ShapesOptions.from_table(EVERY_SETTING["shapes"]).size_for(
+            ModelFamily("sdxl", 1024, 1024)))},
         ("cfg", "mode"): lambda o, m: m.runtime.cfg,
         ("backend", "device_loop"): lambda o, m: m.runtime.device_loop,
         ("backend", "providers"): lambda o, m: list(session(m).providers),

@@ -377,7 +377,7 @@ def _safetensors(path: Path, tensors: dict) -> Path:
 
 @pytest.mark.parametrize("keys, needle", [
     ({"conditioner.embedders.1.model.positional_embedding": (77, 1280),
-      "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, "SD 1.x/2.x U-Net|an SDXL checkpoint"),
+      "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, "an SDXL checkpoint without its text encoders"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 32)}, "this is a LoRA, not a model: pass it"),
     ({"encoder.down.0.block.0.conv1.weight": (8, 3, 3, 3)}, "a standalone VAE"),
     ({"double_blocks.0.img_attn.qkv.weight": (9, 3)}, "SD3 / Flux"),

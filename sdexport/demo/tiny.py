@@ -207,3 +207,27 @@ def save_tiny_pipeline(out_dir: str | Path, spec: TinySpec | str = "sd1", seed: 
     pipe = build_tiny_pipeline(spec, seed)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
+
+
+def save_tiny_depth_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
+    """A StableDiffusionDepth2ImgPipeline at toy width: SD 2 tiny parts with a 5-channel U-Net and a
+    4-layer ViT DPT (hidden 32, patch 8, 32x32 input). The DPT's weights are drawn wider than its
+    init so that the depth map has structure (its init gives values near 1e-8)."""
+    import diffusers
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    parts = build_tiny_components(dataclasses.replace(TINY_SPECS["sd2-v"], name="depth", unet_in_channels=5), seed)
+    torch.manual_seed(seed + 5)
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32,
+                       patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 16, 32, 32],
+                       fusion_hidden_size=16, is_hybrid=False)
+    dpt = DPTForDepthEstimation(config).eval()
+    with torch.no_grad():
+        for p in dpt.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.9 / p[0].numel() ** 0.5)
+    processor = DPTImageProcessor(size={"height": 32, "width": 32})
+    pipe = diffusers.StableDiffusionDepth2ImgPipeline(**parts, depth_estimator=dpt, feature_extractor=processor)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    return Path(out_dir)

@@ -16,6 +16,7 @@ import torch
 from runtime.manifest import ModelInfo, TensorSpec
 from sdexport.sources.base import Source
 from sdexport.sources.diffusers import ControlNetSource
+from sdexport.export.upscaler import SCALING_FACTOR, upscaler_noise_level
 
 # --- torch wrappers: positional tensors in, a tuple of tensors out ------------------------------
 
@@ -33,15 +34,17 @@ class TextEncoder(torch.nn.Module):
 class UNet(torch.nn.Module):
     """The U-Net; with ``n_residuals`` it also takes ControlNet residuals (K down + 1 mid) as inputs."""
 
-    def __init__(self, unet, n_residuals: int = 0, with_timestep_cond: bool = False):
+    def __init__(self, unet, n_residuals: int = 0, with_timestep_cond: bool = False, with_class_labels: bool = False):
         super().__init__()
         self.unet = unet
         self.n_residuals = n_residuals
         self.with_timestep_cond = with_timestep_cond
+        self.with_class_labels = with_class_labels  # the x4 upscaler: the noise level as class labels
 
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
         extra = list(extra)
         timestep_cond = extra.pop(0) if self.with_timestep_cond else None
+        class_labels = extra.pop(0) if self.with_class_labels else None
         down = mid = None
         if self.n_residuals:
             down, mid = extra[:-1], extra[-1]
@@ -50,6 +53,7 @@ class UNet(torch.nn.Module):
             timestep,
             encoder_hidden_states,
             timestep_cond=timestep_cond,
+            class_labels=class_labels,
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
             return_dict=False,
@@ -130,6 +134,8 @@ def model_info(source: Source) -> ModelInfo:
     cross_dim = cross_dim[0] if isinstance(cross_dim, (list, tuple)) else cross_dim
     if in_channels == 2 * latent_channels + 1:
         family = "inpainting"
+    elif in_channels == latent_channels + 3 and unet.get("num_class_embeds"):
+        family = "upscaler"  # latents + the low-resolution RGB image, the noise level as class labels
     elif in_channels == latent_channels + 1:
         family = "depth"
     elif int(cross_dim) >= 1024 or unet.get("use_linear_projection"):
@@ -144,7 +150,7 @@ def model_info(source: Source) -> ModelInfo:
         latent_channels=latent_channels,
         unet_in_channels=in_channels,
         vae_scale_factor=vae_scale,
-        vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        vae_scaling_factor=SCALING_FACTOR if family == "upscaler" else float(vae.get("scaling_factor", 0.18215)),
         vae_shift_factor=float(shift) if shift is not None else None,
         text_hidden_size=int(text["hidden_size"]),
         max_length=int(text.get("max_position_embeddings", 77)),
@@ -152,6 +158,7 @@ def model_info(source: Source) -> ModelInfo:
         default_width=size,
         time_cond_proj_dim=unet.get("time_cond_proj_dim"),
         control_residuals=residual_layout(unet),
+        max_noise_level=upscaler_noise_level(source) if family == "upscaler" else None,
     )
 
 
@@ -268,6 +275,8 @@ def unet_spec(source: Source, info: ModelInfo, control: bool = False) -> Compone
     ]
     if info.time_cond_proj_dim:
         inputs.append(_f32("timestep_cond", "N", info.time_cond_proj_dim))
+    if info.family == "upscaler":
+        inputs.append(TensorSpec("class_labels", "int64", ("N",)))
     if control:
         inputs += [_f32(n, "N", ch, hs, ws) for n, (ch, hs, ws) in zip(residual_names(info), _residual_dims(info))]
     n_res = len(info.control_residuals) if control else 0
@@ -279,6 +288,8 @@ def unet_spec(source: Source, info: ModelInfo, control: bool = False) -> Compone
             dims = [d if isinstance(d, int) else sizes[d] for d in spec.shape]
             if spec.name == "timestep":
                 tensors.append(torch.randint(1, 1000, dims, generator=gen).float())
+            elif spec.name == "class_labels":
+                tensors.append(torch.randint(0, (info.max_noise_level or 0) + 1, dims, generator=gen))
             else:
                 tensors.append(torch.randn(dims, generator=gen))
         return tuple(tensors)
@@ -286,7 +297,7 @@ def unet_spec(source: Source, info: ModelInfo, control: bool = False) -> Compone
     return ComponentSpec(
         name="unet_control" if control else "unet",
         role="unet",
-        module=lambda: UNet(source.load_unet(), n_res, bool(info.time_cond_proj_dim)),
+        module=lambda: UNet(source.load_unet(), n_res, bool(info.time_cond_proj_dim), info.family == "upscaler"),
         inputs=tuple(inputs),
         outputs=(_f32("out_sample", "N", info.latent_channels, "h", "w"),),
         example=example,

@@ -19,6 +19,7 @@ from runtime.manifest import Component, FileRef, Manifest, ModelInfo, RunSetting
 from runtime.tokenizer import CLIPTokenizer, TokenizerError
 from sdexport import __version__
 from sdexport.export.artifacts import check_output_dir, staged_directory
+from sdexport.export.depth import depth_estimator_spec, depth_source, record_processor
 from sdexport.export.components import (
     ComponentSpec,
     controlnet_spec,
@@ -32,8 +33,10 @@ from sdexport.errors import ExportError, OptionError, SourceError
 from sdexport.sources.base import Source
 from sdexport.sources.diffusers import ControlNetSource
 from sdexport.sources.open import open_source, recommended_settings
+from sdexport.sources.vae import VaeSource
 from sdexport.export.targets import get_target
 from sdexport.export.targets.base import ExportOptions, Target
+from sdexport.export.upscaler import write_low_res_scheduler
 from sdexport.export.validate import gate, measure, passes, validation_shape
 from sdexport.export.weight_map import weight_map
 
@@ -122,7 +125,9 @@ def component_specs(source: Source, info: ModelInfo, controlnets: list[ControlNe
     specs = [text_encoder_spec(source, info), unet_spec(source, info)]
     if controlnets:
         specs.append(unet_spec(source, info, control=True))
-    specs += [vae_encoder_spec(source, info), vae_decoder_spec(source, info)]
+    if info.family != "upscaler":  # the x4 upscaler never encodes an image with its VAE
+        specs.append(vae_encoder_spec(source, info))
+    specs.append(vae_decoder_spec(source, info))
     specs += [controlnet_spec(cn, info) for cn in controlnets]
     return specs
 
@@ -148,6 +153,8 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
     check_output_dir(out, options.overwrite, [source_path])  # before any expensive work
     source = open_source(source_path, loras=options.loras, config=options.source_config,
                          prediction_type=options.prediction_type, few_step=options.few_step)
+    if options.vae is not None:  # checked against the U-Net here, before anything is written
+        source = VaeSource.open(source, options.vae)
     target = get_target(options.target)
     if options.precision not in target.precisions:
         raise OptionError(f"target {target.name} supports --precision {', '.join(target.precisions)}, not {options.precision!r}")
@@ -163,6 +170,8 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
     options = dataclasses.replace(options, trace_size=min(info.default_height, options.default_size))
     multiple = spatial_multiple(source, info)
     specs = component_specs(source, info, controlnets)
+    depth = depth_source(source.path, info.family, options.depth_estimator)
+    specs += [depth_estimator_spec(depth)] if depth is not None else []
     components: dict[str, Component] = {}
 
     if options.dry_run:
@@ -172,11 +181,14 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
         tokenizer_check = write_tokenizer(source, stage / "tokenizer")
         (stage / "scheduler").mkdir()
         shutil.copyfile(source.path / "scheduler" / "scheduler_config.json", stage / "scheduler" / "scheduler_config.json")
+        if info.family == "upscaler":
+            write_low_res_scheduler(source, stage)
         with tqdm(specs, desc="export", unit="component", disable=not progress, file=sys.stderr) as bar:
             for spec in bar:  # a context manager: an error message never lands on the bar's line
                 bar.set_postfix_str(spec.name)
                 components[spec.name] = export_component(spec, target, stage, options, multiple)
                 gc.collect()
+        record_processor(components, depth)
         info = dataclasses.replace(info, recommended=recommended_settings(source, info))
         manifest = Manifest(
             model=info,
@@ -192,6 +204,7 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
                 "libraries": library_versions(),
                 "artifact_hash": artifact_hash(components),
                 "tokenizer_parity": tokenizer_check,
+                "vae_config": source.vae_config,  # what a later single-file VAE swap (export-vae) loads into
             },
             profile=options.profile_record(),
             runtime=run_settings(options, guess_mode_scales(len(info.control_residuals))),

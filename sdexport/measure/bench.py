@@ -80,6 +80,10 @@ def _reference_pipeline(source: DiffusersSource, scheduler: str):
     import diffusers
 
     cls = diffusers.StableDiffusionInpaintPipeline if model_info(source).is_inpainting else diffusers.StableDiffusionPipeline
+    if model_info(source).family == "depth":
+        cls = diffusers.StableDiffusionDepth2ImgPipeline
+    if model_info(source).family == "upscaler":
+        cls = diffusers.StableDiffusionUpscalePipeline
     pipe = cls.from_pretrained(str(source.path), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     use_scheduler(pipe, scheduler)
@@ -139,7 +143,8 @@ def _run_bench(artifact: str | Path, reference: Path, config: BenchConfig, progr
 
 
 def _measure(pipe, ref, manifest, info, ids, text_psnr, config, height, width, artifact, reference, bar) -> dict:
-    components = _component_latency(pipe, ref, manifest, _component_feeds(info, ids, height, width), config, bar)
+    feeds = {**_component_feeds(info, ids, height, width), **depth_feeds(manifest)}
+    components = _component_latency(pipe, ref, manifest, feeds, config, bar)
     runs = _end_to_end(pipe, ref, info, config, height, width, bar)
     parity = _precision_parity(manifest, reference, config, height, width, [r.pop("_images") for r in runs])
     cold = _cold_starts(info, config, height, width, artifact, reference, bar)
@@ -177,7 +182,9 @@ def _precision_parity(manifest, reference, config: BenchConfig, height: int, wid
     reduced = {k: c.precision for k, c in manifest.components.items() if c.precision != "fp32"}
     if not reduced:
         return None
-    if manifest.model.is_inpainting:
+    if manifest.model.family == "upscaler":
+        return {"reduced": reduced, "skipped": "the protocol's diffusers fp16 reference covers text-to-image only"}
+    if manifest.model.is_inpainting or manifest.model.family == "depth":
         return {"reduced": reduced, "skipped": "the protocol's diffusers fp16 reference covers text-to-image only"}
     ref_fp16 = diffusers_images(reference, "fp16", config.prompts, config.seeds, steps=config.steps,
                                 guidance_scale=config.guidance_scale, height=height, width=width, scheduler=config.scheduler)
@@ -189,7 +196,7 @@ def _component_feeds(info, ids, height: int, width: int) -> dict[str, dict[str, 
     rng = np.random.default_rng(0)
     f = info.vae_scale_factor
     n = 2  # one prompt under classifier-free guidance
-    return {
+    feeds = {
         "text_encoder": {"input_ids": np.repeat(ids, n, axis=0)},
         "unet": {"sample": rng.standard_normal((n, info.unet_in_channels, height // f, width // f), np.float32),
                  "timestep": np.full((n,), 500.0, np.float32),
@@ -197,6 +204,20 @@ def _component_feeds(info, ids, height: int, width: int) -> dict[str, dict[str, 
         "vae_decoder": {"latent_sample": rng.standard_normal((1, info.latent_channels, height // f, width // f), np.float32)},
         "vae_encoder": {"sample": rng.uniform(-1, 1, (1, 3, height, width)).astype(np.float32)},
     }
+    if info.family == "upscaler":  # the noise level, as class labels
+        feeds["unet"]["class_labels"] = np.full((n,), 20, np.int64)
+    return feeds
+
+
+def depth_feeds(manifest: Manifest) -> dict[str, dict[str, np.ndarray]]:
+    """The depth estimator's input at the size its image processor feeds (none without an estimator)."""
+    if "depth_estimator" not in manifest.components:
+        return {}
+    from runtime.depth import processor_config
+
+    config = processor_config(manifest.component("depth_estimator").details)
+    pixels = np.random.default_rng(0).uniform(-1, 1, (1, 3, config.height, config.width)).astype(np.float32)
+    return {"depth_estimator": {"pixel_values": pixels}}
 
 
 def _component_latency(pipe, ref, manifest, feeds: dict, config: BenchConfig, bar) -> dict:
@@ -208,9 +229,15 @@ def _component_latency(pipe, ref, manifest, feeds: dict, config: BenchConfig, ba
         "vae_decoder": lambda x: ref.vae.decode(torch.from_numpy(x["latent_sample"])),
         "vae_encoder": lambda x: ref.vae.encode(torch.from_numpy(x["sample"])),
     }
+    if manifest.model.family == "upscaler":
+        from sdexport.measure.bench_upscale import unet_torch_call
+
+        torch_calls["unet"] = unet_torch_call(ref)
+    if getattr(ref, "depth_estimator", None) is not None:  # depth-to-image references have one
+        torch_calls["depth_estimator"] = lambda x: ref.depth_estimator(torch.from_numpy(x["pixel_values"]))
     components = {}
     for name, feed in feeds.items():
-        if name not in manifest.components:
+        if name not in manifest.components or name not in torch_calls:
             continue
         session = pipe.session(name)
         runtime_t = timeit(lambda: session.run(feed), config.repeats, config.warmup)
@@ -224,10 +251,16 @@ def _component_latency(pipe, ref, manifest, feeds: dict, config: BenchConfig, ba
 
 def _end_to_end(pipe, ref, info, config: BenchConfig, height: int, width: int, bar) -> list[dict]:
     """Every prompt and seed through both pipelines, with the latents after every step."""
+    if info.family == "upscaler":
+        from sdexport.measure.bench_upscale import end_to_end
+
+        return end_to_end(pipe, ref, info, config, height, width, bar)
     extra = {}
     if info.is_inpainting:
         image, mask = _inpaint_inputs(height, width)
         extra = {"image": image, "mask": mask}
+    elif info.family == "depth":  # depth-to-image: the image's depth by the exported estimator, every run
+        extra = {"image": _inpaint_inputs(height, width)[0]}
     runs = []
     for prompt in config.prompts:
         for seed in config.seeds:
@@ -255,7 +288,7 @@ def _one_run(pipe, ref, prompt: str, seed: int, config: BenchConfig, height: int
         ref_times.append(time.perf_counter())
         return kwargs
 
-    ref_extra = {"image": extra["image"], "mask_image": extra["mask"]} if extra else {}
+    ref_extra = {"image": extra["image"], **({"mask_image": extra["mask"]} if "mask" in extra else {})} if extra else {}
     start = time.perf_counter()
     with torch.no_grad():
         ref_image = ref(prompt, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
@@ -269,6 +302,7 @@ def _one_run(pipe, ref, prompt: str, seed: int, config: BenchConfig, height: int
         "runtime_step_ms": _median_step_ms(ours_times), "pytorch_step_ms": _median_step_ms(ref_times),
         "runtime_overhead_share": result.overhead_seconds / result.timings["total"],
         "loop": result.settings.get("loop"),
+        "depth_estimator_ms": result.timings["depth_estimator"] * 1e3 if "depth_estimator" in result.timings else None,
         "loop_reason": result.loop_reason,  # device or numpy loop, and whether a CUDA graph ran (and why not)
         "latent_max_abs_err": max_abs_error(ref_steps[-1], result.latents),
         "image_psnr_db": finite(psnr(a, b, peak=255.0)),
@@ -284,7 +318,7 @@ def _median_step_ms(times: list[float]) -> float | None:
 
 def _cold_starts(info, config: BenchConfig, height: int, width: int, artifact, reference, bar) -> dict:
     """Cold start and peak memory, each engine in its own process (text-to-image models only)."""
-    if not config.cold_start or info.is_inpainting:
+    if not config.cold_start or info.is_inpainting or info.family in ("depth", "upscaler"):
         return {}
     args = dict(steps=config.steps, height=height, width=width, scheduler=config.scheduler)
     cold = {"runtime": cold_start("runtime", artifact, config.prompts[0], **args)}
@@ -324,6 +358,9 @@ def markdown(r: dict) -> str:
         f"End to end: runtime {e['runtime_median_s']:.3f} s, PyTorch {e['pytorch_median_s']:.3f} s ({e['speedup']:.2f}x); "
         f"per step {e['runtime_step_ms']:.1f} ms vs {e['pytorch_step_ms']:.1f} ms.",
     ]
+    depth = [run["depth_estimator_ms"] for run in r["runs"] if run.get("depth_estimator_ms") is not None]
+    if depth:  # depth-to-image: the estimator runs once per image, before the loop
+        lines.append(f"Depth step (depth estimator, once per image): {float(np.median(depth)):.1f} ms (median of {len(depth)}).")
     if r["cold_start"]:
         lines.append("Cold start (process start to first image) and peak RSS: " + "; ".join(
             f"{k} {v['seconds']:.2f} s, {v['peak_rss_mb']:.0f} MB" for k, v in r["cold_start"].items()))
@@ -332,6 +369,9 @@ def markdown(r: dict) -> str:
         p = run["image_psnr_db"]
         lines.append(f"| {run['prompt'][:40]} | {run['seed']} | {'identical' if p is None else f'{p:.1f}'} | "
                      f"{run['image_ssim']:.4f} | {run['latent_max_abs_err']:.2e} | {100 * run['runtime_overhead_share']:.2f}% |")
+    from sdexport.measure.bench_upscale import markdown_line
+
+    lines += markdown_line(r["runs"])
     reasons = sorted({f"{run.get('loop')} loop: {run['loop_reason']}" for run in r["runs"] if run.get("loop_reason")})
     if reasons:
         lines += ["", "Denoising loop: " + "; ".join(reasons)]

@@ -13,16 +13,31 @@ from typing import Mapping
 
 import torch
 
-from sdexport.sources.detect import CLIP_PREFIX, DIFFUSERS_PREFIX, LDM_PREFIX, OPENCLIP_PREFIX
-from sdexport.sources.models import PARTS, empty_model
+from sdexport.sources.detect import DIFFUSERS_PREFIX, LDM_PREFIX, OPENCLIP_PREFIX, TEXT_ENCODERS
+from sdexport.sources.models import TEXT_PARTS, empty_model
 
 def _has_text_model_wrapper(model) -> bool:
     return hasattr(model, "text_model")
 
 
+def text_encoder_layout(text_kind: str, part: str) -> tuple[str, str]:
+    """(encoder kind "clip" | "openclip", prefix in the original layout) of a text component."""
+    for name, kind, prefix in TEXT_ENCODERS[text_kind]:
+        if name == part:
+            return kind, prefix
+    raise KeyError(f"{part} is not part of a {text_kind} model")
+
+
+def model_parts(text_kind: str) -> tuple[str, ...]:
+    return ("unet", "vae") + tuple(name for name, _, _ in TEXT_ENCODERS[text_kind])
+
+
 def to_diffusers(part: str, tensors: dict[str, torch.Tensor], layout: str, text_kind: str, config: dict,
                  text_model=None) -> dict[str, torch.Tensor]:
-    """Rename one component's tensors (full checkpoint names in, diffusers names out). Works on meta tensors."""
+    """Rename one component's tensors (full checkpoint names in, diffusers names out). Works on meta tensors.
+
+    ``text_kind``: the model's text conditioning (detect.TEXT_ENCODERS: clip, openclip, sdxl, sdxl-refiner),
+    which says how and under which prefix each text encoder is stored."""
     if layout == "diffusers":
         prefix = DIFFUSERS_PREFIX[part]
         out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -33,11 +48,11 @@ def to_diffusers(part: str, tensors: dict[str, torch.Tensor], layout: str, text_
             out = sfu.convert_ldm_unet_checkpoint(tensors, config)
         elif part == "vae":
             out = sfu.convert_ldm_vae_checkpoint(tensors, config)
-        elif text_kind == "clip":
-            out = sfu.convert_ldm_clip_checkpoint(tensors)
+        elif text_encoder_layout(text_kind, part)[0] == "clip":
+            out = sfu.convert_ldm_clip_checkpoint(tensors, remove_prefix=text_encoder_layout(text_kind, part)[1])
         else:
-            out = _openclip_to_diffusers(tensors, config, text_model)
-    if part == "text_encoder":
+            out = _openclip_to_diffusers(tensors, config, text_model, text_encoder_layout(text_kind, part)[1])
+    if part in TEXT_PARTS:
         flat = text_model is None or not _has_text_model_wrapper(text_model)
         if flat:
             out = {k.removeprefix("text_model."): v for k, v in out.items()}
@@ -50,22 +65,27 @@ def to_diffusers(part: str, tensors: dict[str, torch.Tensor], layout: str, text_
     return out
 
 
-def _openclip_to_diffusers(tensors: dict[str, torch.Tensor], config: dict, text_model) -> dict[str, torch.Tensor]:
+def _openclip_to_diffusers(tensors: dict[str, torch.Tensor], config: dict, text_model,
+                           prefix: str = OPENCLIP_PREFIX) -> dict[str, torch.Tensor]:
     from diffusers.loaders import single_file_utils as sfu
 
     # diffusers drops the 24th layer of OpenCLIP-H by name; layers past num_hidden_layers are dropped
-    # by to_diffusers for any depth. The q/k/v split width is the hidden size (text_projection's rows).
+    # by to_diffusers for any depth. The q/k/v split width is the hidden size (text_projection's rows:
+    # OpenCLIP stores it [width, embed], diffusers transposes it into SDXL's text_projection.weight).
     hidden = int(config["hidden_size"])
-    proj = OPENCLIP_PREFIX + "text_projection"
+    proj = prefix + "text_projection"
     tensors = dict(tensors)
     if proj not in tensors or tensors[proj].shape[0] != hidden:
+        if prefix != OPENCLIP_PREFIX:  # SDXL's pooled embedding goes through it: never made up
+            raise ValueError(f"{proj}: missing, or not {hidden} rows")
         tensors[proj] = torch.empty((hidden, hidden), device="meta")
-    return sfu.convert_open_clip_checkpoint(text_model, tensors, prefix=OPENCLIP_PREFIX)
+    return sfu.convert_open_clip_checkpoint(text_model, tensors, prefix=prefix)
 
 
 _RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                   "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 _UNET_TOP_TO_LDM = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
                     "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 
 
@@ -78,7 +98,7 @@ def unet_name_to_ldm(name: str, config: Mapping) -> str:
     """A diffusers U-Net parameter (or module) name -> its name under ``model.diffusion_model.``."""
     per_block = config["layers_per_block"]
     if not isinstance(per_block, int):
-        raise ValueError("per-block layer counts are not an SD 1.x/2.x U-Net")
+        raise ValueError("per-block layer counts are not an SD 1.x/2.x/XL U-Net")
     step = per_block + 1
     for src, dst in _UNET_TOP_TO_LDM.items():
         if name == src or name.startswith(src + "."):
@@ -154,7 +174,8 @@ def to_original(part: str, state: Mapping[str, torch.Tensor], config: Mapping, t
 
     OpenCLIP: q/k/v are stacked into ``in_proj``, and (like a real SD 2.x file) one more layer follows
     the ones diffusers keeps (here a copy of the last one: SD 2.x uses the penultimate layer, so it is
-    never used), plus ``text_projection`` and ``logit_scale``.
+    never used), plus ``text_projection`` and ``logit_scale``. SDXL's bigG keeps every layer, and its
+    ``text_projection`` is the model's, transposed ([width, embed] as OpenCLIP stores it).
     """
     out: dict[str, torch.Tensor] = {}
     if part == "unet":
@@ -168,21 +189,26 @@ def to_original(part: str, state: Mapping[str, torch.Tensor], config: Mapping, t
                 v = v.reshape(*v.shape, 1, 1)  # LDM's attention uses 1x1 convolutions
             out[LDM_PREFIX["vae"] + name] = v
         return out
+    kind, p = text_encoder_layout(text_kind, part)
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    if text_kind == "clip":
+    if kind == "clip":
         for k, v in state.items():
-            out[CLIP_PREFIX + "text_model." + k] = v
+            out[p + "text_model." + k] = v
         n = state["embeddings.position_embedding.weight"].shape[0]
         device = state["embeddings.position_embedding.weight"].device
-        out[CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(n, device=device).unsqueeze(0)
+        out[p + "text_model.embeddings.position_ids"] = torch.arange(n, device=device).unsqueeze(0)
         return out
-    p = OPENCLIP_PREFIX
+    return _openclip_to_original(state, p, extra_openclip_layer and text_kind == "openclip")
+
+
+def _openclip_to_original(state: Mapping[str, torch.Tensor], p: str, extra_layer: bool) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
     hidden = state["final_layer_norm.weight"].shape[0]
     device = state["final_layer_norm.weight"].device
     out[p + "positional_embedding"] = state["embeddings.position_embedding.weight"]
     out[p + "token_embedding.weight"] = state["embeddings.token_embedding.weight"]
     layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"^encoder\.layers\.(\d+)\.", k))})
-    sources = [(i, i) for i in layers] + ([(len(layers), layers[-1])] if extra_openclip_layer and layers else [])
+    sources = [(i, i) for i in layers] + ([(len(layers), layers[-1])] if extra_layer and layers else [])
     for i, src in sources:
         s, d = f"encoder.layers.{src}.", f"transformer.resblocks.{i}."
         for suffix in ("weight", "bias"):
@@ -192,13 +218,18 @@ def to_original(part: str, state: Mapping[str, torch.Tensor], config: Mapping, t
                 out[p + d + f"{ln}.{suffix}"] = state[s + f"{dn}.{suffix}"]
     out[p + "ln_final.weight"] = state["final_layer_norm.weight"]
     out[p + "ln_final.bias"] = state["final_layer_norm.bias"]
-    out[p + "text_projection"] = torch.eye(hidden, device=device)
+    projection = state.get("text_projection.weight")
+    out[p + "text_projection"] = projection.T.contiguous() if projection is not None else torch.eye(hidden, device=device)
     out[p + "logit_scale"] = torch.tensor(4.6052, device=device)
     return out
 
 
-def text_kind_of(text_encoder_config: Mapping, unet_config: Mapping) -> str:
-    """OpenCLIP (SD 2.x) for gelu text encoders under linear-projection U-Nets, else CLIP (SD 1.x)."""
+def text_kind_of(text_encoder_config: Mapping | None, unet_config: Mapping) -> str:
+    """The text conditioning (detect.TEXT_ENCODERS) a model's configs describe: SDXL for U-Nets with
+    added text/time conditioning (its refiner has no first text encoder), OpenCLIP (SD 2.x) for gelu
+    text encoders under linear-projection U-Nets, else CLIP (SD 1.x)."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl" if text_encoder_config else "sdxl-refiner"
     if text_encoder_config.get("hidden_act") == "gelu" and unet_config.get("use_linear_projection"):
         return "openclip"
     return "clip"
@@ -207,9 +238,9 @@ def text_kind_of(text_encoder_config: Mapping, unet_config: Mapping) -> str:
 def original_plan(configs: Mapping[str, dict], text_kind: str | None = None, layout: str = "ldm"
                   ) -> dict[str, torch.Tensor]:
     """Names and shapes (meta tensors) of a checkpoint file for these configs, without any weights."""
-    text_kind = text_kind or text_kind_of(configs["text_encoder"], configs["unet"])
+    text_kind = text_kind or text_kind_of(configs.get("text_encoder"), configs["unet"])
     out: dict[str, torch.Tensor] = {}
-    for part in PARTS:
+    for part in model_parts(text_kind):
         state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta")
                  for k, v in empty_model(part, configs[part]).state_dict().items()}
         if layout == "ldm":

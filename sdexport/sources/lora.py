@@ -43,7 +43,8 @@ from sdexport.sources.checkpoint import Checkpoint, save_safetensors
 from sdexport.sources.convert import unet_name_to_ldm
 from sdexport.sources.models import CONFIGS_DIR, empty_model, read_configs
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # SDXL has the second text encoder
+TEXT_COMPONENTS = COMPONENTS[1:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +269,7 @@ class ModelLayers:
     shapes: dict[str, dict[str, tuple[int, ...]]]
     flat: dict[str, dict[str, str]]
     description: str = "this model"
+    sdxl: bool | None = None  # the model is SDXL (None: any family, e.g. the known architectures)
 
     @classmethod
     def from_modules(cls, modules: Mapping[str, torch.nn.Module], unet_config: Mapping | None = None,
@@ -281,7 +283,7 @@ class ModelLayers:
             lookup: dict[str, str] = {}
             for name in table:
                 lookup[_flat(name)] = name
-                if component == "text_encoder":
+                if component in TEXT_COMPONENTS:
                     lookup[_flat("text_model." + name.removeprefix("text_model."))] = name
                 elif component == "unet" and unet_config is not None:
                     try:
@@ -293,22 +295,25 @@ class ModelLayers:
 
     @classmethod
     def of(cls, source) -> "ModelLayers":
-        """From a source's configs, on the meta device (no weights are read)."""
-        modules = {"unet": empty_model("unet", source.unet_config),
-                   "text_encoder": empty_model("text_encoder", source.text_encoder_config)}
-        return cls.from_modules(modules, source.unet_config, describe_model(source.unet_config))
+        """From a source's configs, on the meta device (no weights are read). SDXL sources also have
+        ``text_encoder_2_config``; an SDXL refiner has no ``text_encoder``."""
+        configs = {"unet": source.unet_config, "text_encoder": source.text_encoder_config,
+                   "text_encoder_2": getattr(source, "text_encoder_2_config", None)}
+        modules = {part: empty_model(part, config) for part, config in configs.items() if config}
+        layers = cls.from_modules(modules, source.unet_config, describe_model(source.unet_config))
+        layers.sdxl = source.unet_config.get("addition_embed_type") == "text_time"
+        return layers
 
     @classmethod
     @functools.cache
     def known(cls) -> "ModelLayers":
         """Every layer name of the SD 1.x and SD 2.x architectures (configs shipped with sdexport)."""
-        merged = cls({c: {} for c in COMPONENTS}, {c: {} for c in COMPONENTS}, "SD 1.x / 2.x")
-        for family in ("sd1", "sd2-v"):
+        merged = cls({c: {} for c in COMPONENTS}, {c: {} for c in COMPONENTS}, "SD 1.x / 2.x / XL")
+        for family in ("sd1", "sd2-v", "sdxl-base"):
             configs = read_configs(CONFIGS_DIR / family)
-            modules = {"unet": empty_model("unet", configs["unet"]),
-                       "text_encoder": empty_model("text_encoder", configs["text_encoder"])}
+            modules = {c: empty_model(c, configs[c]) for c in COMPONENTS if c in configs}
             layers = cls.from_modules(modules, configs["unet"])
-            for c in COMPONENTS:
+            for c in modules:
                 merged.shapes[c].update(layers.shapes[c])
                 merged.flat[c].update(layers.flat[c])
         return merged
@@ -334,19 +339,47 @@ class ModelLayers:
 def describe_model(unet_config: Mapping) -> str:
     cross = unet_config.get("cross_attention_dim")
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    family = {768: "SD 1.x", 1024: "SD 2.x"}.get(cross, "this model")
+    if unet_config.get("addition_embed_type") == "text_time":  # added text/time conditioning: SDXL at any width
+        family = "SDXL"
+    else:
+        family = {768: "SD 1.x", 1024: "SD 2.x"}.get(cross, "this model")
     return f"{family} (cross-attention width {cross})"
 
 
 def guess_family(lora: LoraFile) -> str | None:
-    """Which model family a LoRA was trained for, from its cross-attention key/value input width."""
-    components = {m.component for m in lora.modules}
-    if "text_encoder_2" in components:
+    """Which model family a LoRA was trained for: SDXL if it adapts a second text encoder or the
+    added-conditioning embedding, else from its cross-attention key/value input width."""
+    if any(m.component == "text_encoder_2" or re.search(r"(add_embedding|label_emb)[._]", m.name)
+           for m in lora.modules):
         return "SDXL"
     for m in lora.modules:
         if m.component == "unet" and re.search(r"attn2[._]to_[kv]$", m.name):
-            return {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}.get(int(m.down.flatten(1).shape[1]))
+            return {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL", 2048: "SDXL"}.get(int(m.down.flatten(1).shape[1]))
     return None
+
+
+def is_sdxl_lora(lora: LoraFile) -> bool | None:
+    """Whether a LoRA was trained for SDXL (True) or SD 1.x/2.x (False), where its modules tell: a second
+    text encoder, the added-conditioning embedding or a 1280/2048-wide cross-attention input say SDXL;
+    attention in the U-Net's first level (SDXL's has none), a fourth level or a 768/1024-wide
+    cross-attention input say SD 1.x/2.x."""
+    guess = guess_family(lora)
+    if guess is not None:
+        return guess == "SDXL"
+    sd_only = re.compile(r"(down_blocks[._]0[._]attentions|up_blocks[._]3[._]attentions|input_blocks[._][12][._]1[._]"
+                         r"|output_blocks[._](9|10|11)[._]1[._])")
+    if any(m.component == "unet" and sd_only.search(m.name) for m in lora.modules):
+        return False
+    return None
+
+
+def _check_family(lora: LoraFile, layers: ModelLayers) -> None:
+    lora_sdxl = is_sdxl_lora(lora)
+    if layers.sdxl is None or lora_sdxl is None or lora_sdxl == layers.sdxl:
+        return
+    what = {True: "SDXL", False: "SD 1.x/2.x"}
+    raise SourceError(f"{lora.path}: a LoRA for {what[lora_sdxl]}, but the model is {what[layers.sdxl]} "
+                      f"({layers.description}): a LoRA fits only the model family it was trained for")
 
 
 def _fits(module: LoraModule, shape: tuple[int, ...]) -> bool:
@@ -374,6 +407,7 @@ class Applied:
 
 def resolve(lora: LoraFile, layers: ModelLayers, scale: float = 1.0) -> list[Applied]:
     """Match every module of a LoRA to a layer of the model; SourceError on anything that does not fit."""
+    _check_family(lora, layers)
     unmatched, wrong = [], []
     applied: list[Applied] = []
     for module in lora.modules:
@@ -477,7 +511,8 @@ def write_refit_set(source, out: str | Path) -> Path:
 def _kohya_name(component: str, name: str) -> str:
     if component == "unet":
         return "lora_unet_" + _flat(name)
-    return "lora_te_" + _flat("text_model." + name.removeprefix("text_model."))
+    prefix = {"text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}[component]
+    return prefix + _flat("text_model." + name.removeprefix("text_model."))
 
 
 def merge_loras(inputs: Sequence, out: str | Path, layout: str = "diffusers", model=None,
@@ -487,7 +522,7 @@ def merge_loras(inputs: Sequence, out: str | Path, layout: str = "diffusers", mo
     ``inputs``: ``FILE[:WEIGHT]`` strings, (file, weight) pairs or LoraRefs. ``layout``: ``"diffusers"``
     (PEFT keys ``unet.<module>.lora_A.weight``, ``text_encoder.text_model.<module>...``; alpha = rank, so no
     metadata is needed) or ``"kohya"`` (``lora_unet_*``/``lora_te_*`` with ``.alpha`` = rank). Kohya names are
-    resolved against ``model`` (a model source) or, by default, the SD 1.x/2.x architectures.
+    resolved against ``model`` (a model source) or, by default, the SD 1.x/2.x/XL architectures.
     """
     if layout not in ("diffusers", "kohya"):
         raise OptionError(f"layout {layout!r}: use diffusers or kohya")
@@ -527,7 +562,7 @@ def _modules_per_layer(refs: Sequence[LoraRef], layers: ModelLayers, for_model: 
             blocks.setdefault(found, []).append((module, ref.scale))
         if unmatched:
             hint = "" if for_model else "; pass the model the LoRAs are for"
-            raise SourceError(f"{ref.path}: {len(unmatched)} LoRA modules match no SD 1.x/2.x layer, "
+            raise SourceError(f"{ref.path}: {len(unmatched)} LoRA modules match no SD 1.x/2.x/XL layer, "
                               f"e.g. {sample_names(unmatched)}{hint}")
     return blocks
 

@@ -13,6 +13,7 @@ from sdexport.sources.base import sample_names
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 PARTS = ("unet", "vae", "text_encoder")
+TEXT_PARTS = ("text_encoder", "text_encoder_2")  # SDXL has both; its refiner only the second
 
 
 def family_config_dir(family: str) -> Path:
@@ -20,10 +21,15 @@ def family_config_dir(family: str) -> Path:
 
 
 def read_configs(folder: Path) -> dict[str, dict]:
+    """unet, vae, text_encoder and scheduler configs (and text_encoder_2's where the folder has one;
+    an SDXL refiner's folder has text_encoder_2 but no text_encoder)."""
     configs = {}
+    has_second = (folder / "text_encoder_2" / "config.json").is_file()
     for part, name in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
-                       ("scheduler", "scheduler_config.json")):
+                       ("text_encoder_2", "config.json"), ("scheduler", "scheduler_config.json")):
         path = folder / part / name
+        if part == "text_encoder_2" and not has_second or part == "text_encoder" and has_second and not path.is_file():
+            continue
         try:
             configs[part] = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -46,10 +52,12 @@ def empty_model(part: str, config: dict):
             from diffusers import AutoencoderKL
 
             return AutoencoderKL.from_config(config)
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
         fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
-        return CLIPTextModel(CLIPTextConfig(**fields))
+        # SDXL's second encoder (OpenCLIP bigG) also gives the pooled, projected text embedding.
+        cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+        return cls(CLIPTextConfig(**fields))
 
 
 def expected_shapes(model) -> dict[str, tuple[int, ...]]:

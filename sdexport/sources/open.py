@@ -43,6 +43,9 @@ class LoraSource:
     tokenizer_dir = property(lambda self: self.base.tokenizer_dir)
     pipeline_class = property(lambda self: self.base.pipeline_class)
     few_step = property(lambda self: getattr(self.base, "few_step", None))
+    # SDXL's second text encoder (None where the base has none).
+    text_encoder_2_config = property(lambda self: getattr(self.base, "text_encoder_2_config", None))
+    tokenizer_2_dir = property(lambda self: getattr(self.base, "tokenizer_2_dir", None))
 
     def _fused(self, component: str, model):
         return fuse_into(model, [a for a in self.applied if a.component == component])
@@ -52,6 +55,9 @@ class LoraSource:
 
     def load_text_encoder(self):
         return self._fused("text_encoder", self.base.load_text_encoder())
+
+    def load_text_encoder_2(self):
+        return self._fused("text_encoder_2", self.base.load_text_encoder_2())
 
     def load_vae(self):
         return self.base.load_vae()
@@ -128,6 +134,8 @@ class SchedulerOverlay:
     scheduler_config = property(lambda self: self._scheduler)
     tokenizer_dir = property(lambda self: self.base.tokenizer_dir)
     pipeline_class = property(lambda self: self.base.pipeline_class)
+    text_encoder_2_config = property(lambda self: getattr(self.base, "text_encoder_2_config", None))
+    tokenizer_2_dir = property(lambda self: getattr(self.base, "tokenizer_2_dir", None))
 
     def load_unet(self):
         return self.base.load_unet()
@@ -137,6 +145,9 @@ class SchedulerOverlay:
 
     def load_text_encoder(self):
         return self.base.load_text_encoder()
+
+    def load_text_encoder_2(self):
+        return self.base.load_text_encoder_2()
 
     def describe(self) -> dict:
         return {**self.base.describe(), "scheduler_override": self._scheduler.get("_class_name"),

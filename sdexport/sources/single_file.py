@@ -27,24 +27,31 @@ from sdexport.errors import SourceError
 from sdexport.sources.base import Source, sample_names
 from sdexport.sources.checkpoint import Checkpoint, SafetensorsWriter
 from sdexport.sources.clip_vocab import write_clip_vocab
-from sdexport.sources.convert import original_plan, text_kind_of, to_diffusers, to_original
+from sdexport.sources.convert import (
+    model_parts,
+    original_plan,
+    text_encoder_layout,
+    text_kind_of,
+    to_diffusers,
+    to_original,
+)
 from sdexport.sources.detect import (
-    CLIP_PREFIX,
     DIFFUSERS_PREFIX,
     FAMILY_DESCRIPTIONS,
     LDM_PREFIX,
-    OPENCLIP_PREFIX,
     PREDICTION_TYPES,
     Detected,
     detect,
     sidecar_prediction_type,
 )
-from sdexport.sources.models import PARTS, empty_model, expected_shapes, family_config_dir, fill_model, read_configs
+from sdexport.sources.models import TEXT_PARTS, empty_model, expected_shapes, family_config_dir, fill_model, read_configs
+
+_TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
-def _copy_configs(src: Path, dst: Path, family: str) -> None:
-    for part, name in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
-                       ("scheduler", "scheduler_config.json")):
+def _copy_configs(src: Path, dst: Path, family: str, parts: tuple[str, ...]) -> None:
+    for part in parts + ("scheduler",):
+        name = "scheduler_config.json" if part == "scheduler" else "config.json"
         (dst / part).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / part / name, dst / part / name)
     index = src / "model_index.json"
@@ -54,9 +61,13 @@ def _copy_configs(src: Path, dst: Path, family: str) -> None:
         inpaint = json.loads((src / "unet" / "config.json").read_text()).get("in_channels") == 9
         (dst / "model_index.json").write_text(json.dumps({
             "_class_name": "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"}))
-    tokenizer = dst / "tokenizer"
+    for part in parts:
+        if part in TEXT_PARTS:
+            _copy_tokenizer(src / _TOKENIZER_OF[part], dst / _TOKENIZER_OF[part], family)
+
+
+def _copy_tokenizer(src_tok: Path, tokenizer: Path, family: str) -> None:
     tokenizer.mkdir()
-    src_tok = src / "tokenizer"
     has_vocab = (src_tok / "vocab.json").is_file() or (src_tok / "tokenizer.json").is_file()
     if src_tok.is_dir():
         for f in src_tok.iterdir():
@@ -65,7 +76,7 @@ def _copy_configs(src: Path, dst: Path, family: str) -> None:
     if not has_vocab:
         write_clip_vocab(tokenizer)
         if not (tokenizer / "tokenizer_config.json").is_file():
-            shipped = family_config_dir(family) / "tokenizer" / "tokenizer_config.json"
+            shipped = family_config_dir(family) / tokenizer.name / "tokenizer_config.json"
             shutil.copyfile(shipped, tokenizer / "tokenizer_config.json")
 
 
@@ -107,7 +118,7 @@ class SingleFileSource:
             config_dir = Path(config) if config is not None else None
             if config_dir is not None and not (config_dir / "unet" / "config.json").is_file():
                 raise SourceError(f"{config_dir}: not a diffusers model or config folder (no unet/config.json)")
-            if config_dir is not None and detected.layout == "diffusers":
+            if config_dir is not None and detected.layout == "diffusers" and not detected.text_encoder.startswith("sdxl"):
                 # diffusers names do not tell CLIP from OpenCLIP; the config does (tiny models have no telling widths).
                 configs = read_configs(config_dir)
                 detected = dataclasses.replace(detected, text_encoder=text_kind_of(configs["text_encoder"], configs["unet"]))
@@ -124,7 +135,7 @@ class SingleFileSource:
 
             tmp = tempfile.TemporaryDirectory(prefix="sdexport-single-file-")
             folder = Path(tmp.name)
-            _copy_configs(config_dir or family_config_dir(family), folder, family)
+            _copy_configs(config_dir or family_config_dir(family), folder, family, detected.parts)
             sched_path = folder / "scheduler" / "scheduler_config.json"
             sched = json.loads(sched_path.read_text(encoding="utf-8"))
             sched["prediction_type"] = prediction
@@ -151,8 +162,16 @@ class SingleFileSource:
         return self.configs["vae"]
 
     @property
-    def text_encoder_config(self) -> dict:
-        return self.configs["text_encoder"]
+    def text_encoder_config(self) -> dict | None:
+        return self.configs.get("text_encoder")  # None: an SDXL refiner (only text_encoder_2)
+
+    @property
+    def text_encoder_2_config(self) -> dict | None:
+        return self.configs.get("text_encoder_2") if "text_encoder_2" in self.parts else None
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return self.detected.parts
 
     @property
     def scheduler_config(self) -> dict:
@@ -161,6 +180,10 @@ class SingleFileSource:
     @property
     def tokenizer_dir(self) -> Path:
         return self.path / "tokenizer"
+
+    @property
+    def tokenizer_2_dir(self) -> Path | None:
+        return self.path / "tokenizer_2" if "text_encoder_2" in self.parts else None
 
     @property
     def pipeline_class(self) -> str:
@@ -183,8 +206,8 @@ class SingleFileSource:
     def _part_names(self, part: str) -> list[str]:
         if self.detected.layout == "diffusers":
             prefix = DIFFUSERS_PREFIX[part]
-        elif part == "text_encoder":
-            prefix = CLIP_PREFIX if self.detected.text_encoder == "clip" else OPENCLIP_PREFIX
+        elif part in TEXT_PARTS:
+            prefix = text_encoder_layout(self.detected.text_encoder, part)[1]
         else:
             prefix = LDM_PREFIX[part]
         return [k for k in self.checkpoint.keys() if k.startswith(prefix)]
@@ -192,7 +215,7 @@ class SingleFileSource:
     def _convert(self, part: str, tensors: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
         try:
             return to_diffusers(part, tensors, self.detected.layout, self.detected.text_encoder, self.configs[part],
-                                text_model=model if part == "text_encoder" else None)
+                                text_model=model if part in TEXT_PARTS else None)
         except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as e:
             raise SourceError(f"{self.file}: the {part} weights do not follow the {self._what()} layout "
                               f"({type(e).__name__}: {str(e)[:120]}){self._config_hint()}") from None
@@ -207,7 +230,10 @@ class SingleFileSource:
 
     def check(self) -> None:
         """Convert every component on the meta device and compare with the architecture's shapes."""
-        for part in PARTS:
+        for part in self.parts:
+            if part not in self.configs:
+                raise SourceError(f"{self.file}: detected {self._what()}, but the config folder has no {part}/config.json"
+                                  f"{self._config_hint()}")
             model = empty_model(part, self.configs[part])
             expected = expected_shapes(model)
             names = self._part_names(part)
@@ -244,6 +270,9 @@ class SingleFileSource:
     def load_text_encoder(self):
         return self.load_part("text_encoder")
 
+    def load_text_encoder_2(self):
+        return self.load_part("text_encoder_2")
+
     def close(self) -> None:
         self.checkpoint.close()
         self._tmp.cleanup()
@@ -257,8 +286,11 @@ def write_single_file(source: Source, out: str | Path, layout: str = "ldm", dtyp
     if layout not in ("ldm", "diffusers"):
         raise ValueError(f"layout {layout!r}: use 'ldm' or 'diffusers'")
     out = Path(out)
-    configs = {"unet": source.unet_config, "vae": source.vae_config, "text_encoder": source.text_encoder_config}
+    configs = {"unet": source.unet_config, "vae": source.vae_config, "text_encoder": source.text_encoder_config,
+               "text_encoder_2": getattr(source, "text_encoder_2_config", None)}
     text_kind = text_kind or text_kind_of(configs["text_encoder"], configs["unet"])
+    parts = model_parts(text_kind)
+    configs = {part: configs[part] for part in parts}
 
     def convert(part: str) -> dict[str, torch.Tensor]:
         module = getattr(source, f"load_{part}")()
@@ -273,7 +305,7 @@ def write_single_file(source: Source, out: str | Path, layout: str = "ldm", dtyp
 
     if out.suffix == ".ckpt":
         state = {}
-        for part in PARTS:
+        for part in parts:
             state.update({k: v.clone() for k, v in convert(part).items()})
         tmp = out.with_name(f".{out.name}.partial")
         torch.save({"state_dict": state}, tmp)
@@ -284,7 +316,7 @@ def write_single_file(source: Source, out: str | Path, layout: str = "ldm", dtyp
         plan = {k: v.to(dtype) if v.is_floating_point() else v for k, v in plan.items()}
     with SafetensorsWriter(out, [(k, v.dtype, tuple(v.shape)) for k, v in plan.items()], {"format": "pt"}) as w:
         done: dict[str, torch.Tensor] = {}
-        for part in PARTS:
+        for part in parts:
             done = convert(part)
             for k in [k for k in plan if k in done]:
                 w.write(k, done[k])

@@ -41,10 +41,12 @@ class ExportOptions:
     batch: int | None = None  # set: static batch (prompts per call)
     cfg: str = "batched"  # "batched" (U-Net sees 2B) or "sequential" (B, two calls)
     controlnets: tuple[str, ...] = ()
+    depth_estimator: str | None = None  # a DPT folder exported as the depth_estimator component
     loras: tuple[str, ...] = ()  # FILE[:SCALE], fused into the weights in this order
     source_config: str | None = None  # single-file sources: a diffusers folder describing the architecture
     prediction_type: str | None = None  # single-file sources: epsilon | v_prediction (not in the weights)
     few_step: str | None = None  # lcm | turbo: the sampler and defaults of few-step models
+    vae: str | None = None  # another VAE: a diffusers folder or one .safetensors (sdexport.sources.vae)
     validate: bool = True
     overwrite: bool = False
     default_size: int = 512  # pixels traced for dynamic exports, capped by the model's own size

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from runtime.files import ArtifactFileError, HashCache, inside
+from runtime.lora.weights import WeightRef, weights_from_json, weights_to_json
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -101,6 +102,8 @@ class Component:
     outputs: tuple[TensorSpec, ...]
     parity: dict[str, Any] = dataclasses.field(default_factory=dict)
     details: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. ops kept in fp32, control inputs
+    # module name -> its weight in the graph, for run-time LoRAs (runtime.lora.weights); empty in older exports
+    weights: dict[str, WeightRef] = dataclasses.field(default_factory=dict)
 
     @property
     def main_file(self) -> FileRef:
@@ -126,7 +129,7 @@ class Component:
             "outputs": [t.to_json() for t in self.outputs],
             "parity": self.parity,
             "details": self.details,
-        }
+        } | ({"weights": weights_to_json(self.weights)} if self.weights else {})
 
     @classmethod
     def from_json(cls, name: str, data: dict) -> "Component":
@@ -149,6 +152,7 @@ class Component:
             outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
             parity=dict(data.get("parity") or {}),
             details=dict(data.get("details") or {}),
+            weights=weights_from_json(data.get("weights") or {}),
         )
 
 

@@ -148,7 +148,7 @@ class Pipeline:
     """
 
     def __init__(self, manifest: Manifest, options: SessionOptions | Mapping[str, Any] | None = None,
-                 cfg: str | None = None):
+                 cfg: str | None = None, loras: Sequence = ()):
         self.manifest = manifest
         self.root = Path(manifest.root or ".")
         self.info = manifest.model
@@ -172,11 +172,35 @@ class Pipeline:
         self._device_loop: Any = None  # runtime.device_loop.DeviceLoop, opened where it applies
         self.timings: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.loras: tuple = ()  # (path, scale) pairs applied to the weights (set_loras)
+        self._lora_patches: dict[str, Any] = {}
+        if loras:
+            self.set_loras(loras)
 
     @classmethod
     def from_dir(cls, directory: str | Path, options: SessionOptions | Mapping[str, Any] | None = None,
-                 cfg: str | None = None) -> "Pipeline":
-        return cls(Manifest.load(directory), options, cfg)
+                 cfg: str | None = None, loras: Sequence = ()) -> "Pipeline":
+        return cls(Manifest.load(directory), options, cfg, loras)
+
+    def set_loras(self, loras: Sequence = ()) -> set[str]:
+        """Apply LoRAs (``FILE[:SCALE]`` strings or (file, scale) pairs; none: the base model) from the
+        next call on. Only the sessions whose weights change are closed (re-created, patched, on next
+        use); returns their names. A LoRA that does not fit fails here, before anything changes."""
+        from runtime.lora.resolve import LoraError, LoraSpec, changed, plan_patches
+
+        try:
+            specs = [LoraSpec.parse(s) for s in loras]
+            patches = plan_patches(self.manifest, specs)
+        except LoraError as e:
+            raise PipelineInputError(str(e)) from None
+        stale = changed(self._lora_patches, patches)
+        for name in stale:
+            self._sessions.pop(name, None)
+            if self.manifest.components[name].role == "unet":
+                self._device_loop = None
+        self._lora_patches = patches
+        self.loras = tuple((str(s.path), s.scale) for s in specs)
+        return stale
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -186,7 +210,9 @@ class Pipeline:
             start = time.perf_counter()
             component = self.manifest.component(name)
             self.manifest.check_files(components=[name])
-            self._sessions[name] = _Timed(open_session(component, self.root, self.options), name, self.timings, self.calls)
+            patch = self._lora_patches.get(name)
+            session = open_session(component, self.root, self.options, lora=patch.weights if patch else None)
+            self._sessions[name] = _Timed(session, name, self.timings, self.calls)
             self.timings["load"] = self.timings.get("load", 0.0) + time.perf_counter() - start
         return self._sessions[name]
 
@@ -214,6 +240,8 @@ class Pipeline:
         component = self.manifest.component("unet")
         if mode == "off":
             return None, "device_loop is off"
+        if "unet" in self._lora_patches:
+            return None, "run-time LoRAs on the U-Net use the numpy loop"
         if component.backend != "onnxruntime":
             return None, f"the device loop runs ONNX Runtime U-Nets, this one is {component.backend}"
         if self._device_loop is None:
@@ -730,7 +758,7 @@ class Pipeline:
             "loop": loop,
             "emphasis": run.emphasis,
             "prompt_chunks": run.prompt_chunks,
-        }
+        } | ({"loras": [list(lora) for lora in self.loras]} if self.loras else {})
 
     def _artifact_hash(self) -> str | None:
         return self.manifest.exporter.get("artifact_hash")

@@ -248,7 +248,7 @@ def cmd_generate(args) -> int:
         raise UsageError("--latents-out names the same file as --output")
     _check_generate_values(args)
     options = {k: getattr(args, k) for k in ("device", "threads", "compute_units", "winograd") if getattr(args, k)}
-    pipe = Pipeline.from_dir(args.dir, options=options or None, cfg=args.cfg)
+    pipe = Pipeline.from_dir(args.dir, options=options or None, cfg=args.cfg, loras=args.lora or ())
     controls = _controls(args, pipe)
     result = pipe.generate(
         args.prompt,
@@ -564,6 +564,8 @@ def _generate_parser(sub) -> None:
     g.add_argument("--depth-map", help="depth-to-image: your own depth map for --image (a one-channel image of its "
                    "size, 8/16-bit gray or 32-bit; larger = nearer, as DPT), instead of the exported estimator's")
     _control_args(g)
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="apply a LoRA (.safetensors) to the export's weights at run time (repeatable)")
     g.add_argument("--noise-level", type=int, help="x4 upscaler: noise added to the input, 0..max_noise_level "
                    "(default 20, as diffusers)")
     g.add_argument("--tile", type=int, help="x4 upscaler: tile side in input pixels for large inputs "

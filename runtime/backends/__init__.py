@@ -22,7 +22,9 @@ BACKENDS = {
 }
 
 
-def open_session(component, root: Path, options: SessionOptions | Mapping[str, Any] | None = None) -> Session:
+def open_session(component, root: Path, options: SessionOptions | Mapping[str, Any] | None = None,
+                 lora: Mapping[str, Any] | None = None) -> Session:
+    """``lora``: graph weight name -> runtime.lora.resolve.WeightPatch, applied as the session is created."""
     module_name = BACKENDS.get(component.backend)
     if module_name is None:
         raise BackendError(f"component {component.name!r}: unknown backend {component.backend!r}")
@@ -34,4 +36,8 @@ def open_session(component, root: Path, options: SessionOptions | Mapping[str, A
         ) from None
     if not isinstance(options, SessionOptions):
         options = SessionOptions.from_mapping(options or {})
+    if lora:
+        if component.backend not in ("onnxruntime", "openvino"):
+            raise BackendError(f"{component.name}: run-time LoRAs need an ONNX Runtime or OpenVINO export, not {component.backend}")
+        return module.open_session(component, Path(root), options, lora=lora)
     return module.open_session(component, Path(root), options)

@@ -85,7 +85,9 @@ def provider_entries(providers: Sequence[Any], device_id: int = 0, cuda_graph: b
 
 def create_session(model: str | Path | bytes, providers: Sequence[Any] = ("CPUExecutionProvider",), *,
                    threads: int = 0, optimization: str = "all", device_id: int = 0, cuda_graph: bool = False,
-                   fixed_sizes: Mapping[str, int] | None = None, profiling: bool = False) -> ort.InferenceSession:
+                   fixed_sizes: Mapping[str, int] | None = None, profiling: bool = False,
+                   external_initializers: Mapping[str, np.ndarray] | None = None,
+                   external_folder: Path | None = None) -> ort.InferenceSession:
     """An InferenceSession from a file path or serialized model bytes, set up the project's one way.
 
     ``fixed_sizes``: symbolic dimension -> size, so ONNX Runtime can fold the shape computations away
@@ -94,8 +96,17 @@ def create_session(model: str | Path | bytes, providers: Sequence[Any] = ("CPUEx
     for name, size in (fixed_sizes or {}).items():
         so.add_free_dimension_override_by_name(name, int(size))
     so.enable_profiling = profiling
+    # external_initializers: name -> array replacing a weight stored as external data (run-time LoRAs);
+    # ONNX Runtime may read the OrtValues' memory for the session's lifetime, so the session keeps them.
+    values = [(a, ort.OrtValue.ortvalue_from_numpy(a)) for a in (external_initializers or {}).values()]
+    if values:
+        so.add_external_initializers(list(external_initializers), [v for _, v in values])
+    if external_folder is not None:  # a model given as bytes finds its external data here
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, so, providers=provider_entries(providers, device_id, cuda_graph))
+    session = ort.InferenceSession(source, so, providers=provider_entries(providers, device_id, cuda_graph))
+    session.sdexport_initializers = values
+    return session
 
 
 def resolve_providers(options: SessionOptions) -> list[str]:
@@ -123,9 +134,10 @@ def resolve_providers(options: SessionOptions) -> list[str]:
 
 
 class OnnxRuntimeSession:
-    def __init__(self, component: Component, root: Path, options: SessionOptions):
+    def __init__(self, component: Component, root: Path, options: SessionOptions, lora: Mapping | None = None):
         self.component = component
         path = root / component.main_file.path
+        patched = _lora_model(path, lora) if lora else None
         self.providers = resolve_providers(options)
         if component.details.get("requires") == "CUDAExecutionProvider" and "CUDAExecutionProvider" not in self.providers:
             ops = ", ".join(component.details.get("cuda_only_ops", ())) or "its fused ops"
@@ -134,7 +146,10 @@ class OnnxRuntimeSession:
                 f"run it with onnxruntime-gpu on an NVIDIA GPU (--device cuda), or re-export without --optimize gpu"
             )
         try:
-            self._session = create_session(path, self.providers, threads=options.threads)
+            self._session = create_session(
+                patched.model or path if patched else path, self.providers, threads=options.threads,
+                external_initializers=patched.external if patched else None,
+                external_folder=path.parent if patched and patched.model else None)
         except Exception as e:  # ORT raises its own exception types for bad files
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BackendError(f"{path}: ONNX Runtime cannot load this model ({first_line[:300]})") from None
@@ -191,5 +206,14 @@ def _out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or any(m in text for m in _OOM_MESSAGES)
 
 
-def open_session(component: Component, root: Path, options: SessionOptions) -> OnnxRuntimeSession:
-    return OnnxRuntimeSession(component, root, options)
+def _lora_model(path: Path, lora: Mapping):
+    from runtime.lora.onnx_weights import OnnxWeightError, patched_model
+
+    try:
+        return patched_model(path, dict(lora))
+    except (OnnxWeightError, OSError) as e:
+        raise BackendError(f"run-time LoRA: {e}") from None
+
+
+def open_session(component: Component, root: Path, options: SessionOptions, lora: Mapping | None = None) -> OnnxRuntimeSession:
+    return OnnxRuntimeSession(component, root, options, lora)

@@ -134,7 +134,7 @@ def _first_line(e: BaseException) -> str:
 
 
 class OpenVinoSession:
-    def __init__(self, component: Component, root: Path, options: SessionOptions):
+    def __init__(self, component: Component, root: Path, options: SessionOptions, lora: Mapping | None = None):
         self.component = component
         xml = root / component.main_file.path
         weights = root / component.files[1].path if len(component.files) > 1 else xml.with_suffix(".bin")
@@ -146,11 +146,15 @@ class OpenVinoSession:
         self.device = resolve_device(options, available)
         content = "".join(f.sha256 for f in component.files)
         self.config = compile_config(options, self.device, available, content)
+        if lora:  # one compiled blob per LoRA combination would fill the cache; patched models compile fresh
+            self.config.pop("CACHE_DIR", None)
         self.winograd_convolutions = 0
         tiles = winograd_tiles(component, options, self.device, self.config)
-        if tiles or weights != xml.with_suffix(".bin"):
+        if tiles or weights != xml.with_suffix(".bin") or lora:
             model = self._read(ov_core, xml, weights)
             self._check_names(xml, model)
+            if lora:  # before the Winograd rewrite, which transforms the (patched) 3x3 weights
+                _patch(model, lora, xml)
             self.winograd_convolutions = apply_plan(model, tiles) if tiles else 0
             source = model
         else:
@@ -228,5 +232,14 @@ class OpenVinoSession:
         return outcome[0]
 
 
-def open_session(component: Component, root: Path, options: SessionOptions) -> OpenVinoSession:
-    return OpenVinoSession(component, root, options)
+def _patch(model, lora: Mapping, xml: Path) -> None:
+    from runtime.lora.openvino_patch import patch_model
+
+    try:
+        patch_model(model, dict(lora), str(xml))
+    except ValueError as e:
+        raise BackendError(f"run-time LoRA: {e}") from None
+
+
+def open_session(component: Component, root: Path, options: SessionOptions, lora: Mapping | None = None) -> OpenVinoSession:
+    return OpenVinoSession(component, root, options, lora)

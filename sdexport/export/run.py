@@ -38,6 +38,7 @@ from sdexport.export.targets import get_target
 from sdexport.export.targets.base import ExportOptions, Target
 from sdexport.export.upscaler import write_low_res_scheduler
 from sdexport.export.validate import gate, measure, passes, validation_shape
+from sdexport.export.weight_map import weight_map
 
 LIBRARIES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf",
              "coremltools", "tensorrt", "numpy")
@@ -331,6 +332,8 @@ def export_component(spec: ComponentSpec, target: Target, stage: Path, options: 
 
 def _convert(spec, module, target: Target, stage: Path, options: ExportOptions, precision: str) -> Component:
     converted = target.convert(spec, module, stage / spec.name, options, precision)
+    weights = weight_map(spec.role, module, converted.files, target.backend, converted.precision,
+                         getattr(getattr(module, "unet", None), "config", None))
     return Component(
         name=spec.name,
         role=spec.role,
@@ -341,4 +344,5 @@ def _convert(spec, module, target: Target, stage: Path, options: ExportOptions, 
         outputs=converted.outputs,
         parity={},
         details={**converted.details, **({"control_inputs": True} if spec.name == "unet_control" else {})},
+        weights=weights,
     )

@@ -36,6 +36,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from runtime.lora import keys as lora_keys
 from sdexport.errors import OptionError, SourceError
 from sdexport.sources.base import sample_names
 from sdexport.sources.checkpoint import Checkpoint, save_safetensors
@@ -119,30 +120,9 @@ class LoraFile:
                 "ranks": sorted({m.rank for m in self.modules})}
 
 
-_UNSUPPORTED = {
-    "hada_w1_a": "a LoHa (LyCORIS) file",
-    "lokr_w1": "a LoKr (LyCORIS) file",
-    "lora_mid": "a LoCon with Tucker decomposition (LyCORIS lora_mid)",
-    "dora_scale": "a DoRA file",
-    "lora_magnitude_vector": "a DoRA file",
-    "lora_embedding_A": "an embedding LoRA",
-}
-_KOHYA = re.compile(r"^(lora_unet|lora_te|lora_te1|lora_te2)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-_PEFT = re.compile(r"^(.+?)\.lora_(A|B)(?:\.[A-Za-z0-9_-]+)?\.(weight|bias)$")
-_OLD = re.compile(r"^(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
-_OLD_PROC = re.compile(r"^(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
-_ALPHA = re.compile(r"^(.+)\.alpha$")
-_KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
-_TEXT_OLD = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-
-
-def _split_component(name: str) -> tuple[str | None, str]:
-    for prefix in ("unet.", "text_encoder_2.", "text_encoder."):
-        if name.startswith(prefix):
-            return prefix[:-1], name[len(prefix):]
-    if name.startswith("base_model.model."):
-        return None, name[len("base_model.model."):]
-    return None, name
+# Key layouts are shared with the runtime's run-time LoRAs (runtime.lora.keys, torch-free).
+_UNSUPPORTED = lora_keys.UNSUPPORTED
+_split_component = lora_keys.split_component
 
 
 def _peft_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, dict]:
@@ -166,12 +146,7 @@ def _peft_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, dict]:
     return out
 
 
-def _pattern_value(patterns: Mapping[str, object], name: str):
-    """PEFT's get_pattern_key: the first pattern that matches the end of the module name."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return None
+_pattern_value = lora_keys.pattern_value
 
 
 def read_lora(path: str | Path) -> LoraFile:
@@ -183,7 +158,7 @@ def read_lora(path: str | Path) -> LoraFile:
     modules = [m for key, group in groups.items() if (m := _module(key, group, config, path)) is not None]
     if not modules:
         raise SourceError(f"{path}: a LoRA file without any complete module")
-    layout = "kohya" if layouts == {"kohya"} else ("peft" if "peft" in layouts else "diffusers-old")
+    layout = lora_keys.layout_of(layouts)
     return LoraFile(path, layout, modules)
 
 
@@ -208,35 +183,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 _GroupKey = tuple[str | None, str, bool]  # (component, module name, kohya-flattened name)
-
-
-def _classify(key: str) -> tuple[_GroupKey, str, str | None] | None:
-    """(the module's group, which of its tensors this key is, the file layout it shows) or None.
-
-    The tensor is "down", "up", "alpha", "bias", or "A.bias" (a bias on PEFT's down matrix, which no
-    layer can take); alpha keys alone do not show a layout.
-    """
-    if m := _KOHYA.match(key):
-        part = {"lora_down": "down", "lora_up": "up", "alpha": "alpha"}[m.group(3).split(".")[0]]
-        return (_KOHYA_COMPONENT[m.group(1)], m.group(2), True), part, "kohya"
-    if m := _PEFT.match(key):
-        component, name = _split_component(m.group(1))
-        down = m.group(2) == "A"
-        part = ("A.bias" if down else "bias") if m.group(3) == "bias" else ("down" if down else "up")
-        return (component, name, False), part, "peft"
-    if m := _OLD_PROC.match(key):  # to_q_lora style: the projection is in the name
-        component, name = _split_component(m.group(1))
-        which, component = m.group(2), component or "unet"
-        name = f"{name}.{_TEXT_OLD[which]}" if component == "text_encoder" else \
-            f"{name}.{'to_out.0' if which == 'to_out' else which}"
-        return (component, name, False), m.group(3), "diffusers-old"
-    if m := _OLD.match(key):
-        component, name = _split_component(m.group(1))
-        return (component or "unet", name, False), m.group(2), "diffusers-old"
-    if m := _ALPHA.match(key):
-        component, name = _split_component(m.group(1))
-        return (component or "unet", name, False), "alpha", None
-    return None
+_classify = lora_keys.classify
 
 
 def _group_by_module(tensors: Mapping[str, torch.Tensor], path: Path) -> tuple[dict[_GroupKey, dict], set[str]]:
@@ -312,8 +259,7 @@ def _check_values(path: Path, name: str, group: dict, rank: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _flat(name: str) -> str:
-    return name.replace(".", "_")
+_flat = lora_keys.flat
 
 
 @dataclasses.dataclass

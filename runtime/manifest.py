@@ -178,6 +178,22 @@ class ModelInfo:
     # The x4 upscaler: the highest noise level (class label) it takes; its DDPM config for noising the
     # low-resolution input is runtime.upscale.LOW_RES_SCHEDULER in the artifact.
     max_noise_level: int | None = None
+    # SDXL (family "sdxl" / "sdxl-refiner"); the defaults describe SD 1.x/2.x, so older manifests load as they were.
+    text_encoder_2_hidden_size: int | None = None  # OpenCLIP bigG's width (its penultimate states are concatenated)
+    projection_dim: int | None = None  # width of text_encoder_2's pooled, projected text_embeds
+    addition_time_embed_dim: int | None = None  # the U-Net's per-number embedding of time_ids
+    requires_aesthetics_score: bool = False  # refiner: time_ids end in an aesthetic score, not the target size
+    force_zeros_for_empty_prompt: bool = False  # no negative prompt: zero embeddings, not those of ""
+    vae_force_upcast: bool = False  # the VAE overflows in fp16: the export keeps it fp32
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.addition_time_embed_dim is not None
+
+    @property
+    def time_ids_length(self) -> int:
+        """(original h, w, crop top, left, target h, w), or the aesthetic score in place of the target size."""
+        return 5 if self.requires_aesthetics_score else 6
 
     @property
     def is_inpainting(self) -> bool:
@@ -186,6 +202,9 @@ class ModelInfo:
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["control_residuals"] = [list(r) for r in self.control_residuals]
+        for name in _SDXL_FIELDS:  # written only for SDXL: an SD 1.x/2.x manifest stays as it was
+            if data[name] is None or data[name] is False:
+                del data[name]
         return data
 
     @classmethod
@@ -212,6 +231,13 @@ class ModelInfo:
                 raise ManifestError(f"model.{name} {value!r}: expected a positive integer")
         if self.max_length < 2:
             raise ManifestError(f"model.max_length {self.max_length}: expected at least 2")
+        for name in _SDXL_FIELDS:
+            value = getattr(self, name)
+            if name in _SDXL_FLAGS and not isinstance(value, bool):
+                raise ManifestError(f"model.{name} {str(value)[:40]}: expected true or false")
+            if name not in _SDXL_FLAGS and value is not None and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ManifestError(f"model.{name} {str(value)[:40]}: expected a positive integer or null")
         scaling = self.vae_scaling_factor
         if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
             raise ManifestError(f"model.vae_scaling_factor {scaling!r}: expected a finite number above 0")
@@ -235,6 +261,10 @@ class ModelInfo:
             raise ManifestError(f"model.recommended.guidance_scale {str(scale)[:40]}: expected a finite number")
         if scheduler is not None and not isinstance(scheduler, str):  # None: the scheduler config's class
             raise ManifestError(f"model.recommended.scheduler {str(scheduler)[:40]}: expected a scheduler name")
+
+
+_SDXL_FLAGS = ("requires_aesthetics_score", "force_zeros_for_empty_prompt", "vae_force_upcast")
+_SDXL_FIELDS = ("text_encoder_2_hidden_size", "projection_dim", "addition_time_embed_dim") + _SDXL_FLAGS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +348,7 @@ class Manifest:
     components: dict[str, Component]
     tokenizer_dir: str = "tokenizer"
     scheduler_config: str = "scheduler/scheduler_config.json"
+    tokenizer_2_dir: str | None = None  # SDXL: the second text encoder's tokenizer (pads with "!")
     exporter: dict[str, Any] = dataclasses.field(default_factory=dict)  # provenance, for people
     profile: dict[str, Any] = dataclasses.field(default_factory=dict)  # the resolved profile, for people
     runtime: RunSettings = RunSettings()
@@ -346,6 +377,7 @@ class Manifest:
             "schema_version": self.schema_version,
             "model": self.model.to_json(),
             "tokenizer": self.tokenizer_dir,
+            **({"tokenizer_2": self.tokenizer_2_dir} if self.tokenizer_2_dir is not None else {}),
             "scheduler_config": self.scheduler_config,
             "components": {name: c.to_json() for name, c in self.components.items()},
             "runtime": self.runtime.to_json(),
@@ -377,6 +409,7 @@ class Manifest:
                 model=ModelInfo.from_json(data["model"]),
                 components={n: Component.from_json(n, c) for n, c in _mapping(data["components"], "components").items()},
                 tokenizer_dir=data.get("tokenizer", "tokenizer"),
+                tokenizer_2_dir=data.get("tokenizer_2"),
                 scheduler_config=data.get("scheduler_config", "scheduler/scheduler_config.json"),
                 exporter=exporter,
                 profile=profile,
@@ -428,6 +461,8 @@ class Manifest:
 
     def check_paths(self) -> None:
         self.path(self.tokenizer_dir, "tokenizer")
+        if self.tokenizer_2_dir is not None:
+            self.path(self.tokenizer_2_dir, "tokenizer_2")
         self.path(self.scheduler_config, "scheduler config")
         for name, component in self.components.items():
             for ref in component.files:

@@ -24,6 +24,7 @@ from runtime.prompts import PromptOptions, PromptSyntaxError, chunk_batch, chunk
 from runtime.resources import check_request
 from runtime.rng import RNG_KINDS, make_rng
 from runtime.schedulers import SCHEDULER_NAMES, scheduler_from_config, scheduler_from_file
+from runtime import sdxl
 from runtime.tokenizer import CLIPTokenizer
 
 __all__ = ["Pipeline", "Control", "Result", "PipelineInputError"]
@@ -82,6 +83,8 @@ class _Run:
     do_cfg: bool
     emphasis: bool = False  # A1111's (x:1.3) [x] BREAK syntax read (runtime.prompts)
     prompt_chunks: int = 1  # 75-token chunks each prompt and negative prompt is encoded as
+    xl: sdxl.XLRequest | None = None  # SDXL exports: their extra arguments
+    added_cond: dict[str, np.ndarray] | None = None  # SDXL: the U-Net's text_embeds and time_ids
 
     @property
     def batch(self) -> int:
@@ -164,6 +167,7 @@ class Pipeline:
         self.scheduler_path = self.root / manifest.scheduler_config
         scheduler_from_file(self.scheduler_path)  # fails here, naming the file, if the config is unusable
         self.scheduler_config = json.loads(self.scheduler_path.read_text(encoding="utf-8"))
+        self.sdxl = sdxl.Conditioner(manifest, self.session) if self.info.is_sdxl else None
         self._sessions: dict[str, Any] = {}
         self._device_loop: Any = None  # runtime.device_loop.DeviceLoop, opened where it applies
         self.timings: dict[str, float] = {}
@@ -213,6 +217,8 @@ class Pipeline:
         return self._sessions[name]
 
     def warmup(self, names: Sequence[str] = ("text_encoder", "unet", "vae_decoder")) -> None:
+        if self.info.is_sdxl:  # both text encoders (a refiner has only the second)
+            names = [n for n in names if n != "text_encoder" or self.sdxl.first] + ["text_encoder_2"] * ("text_encoder" in names)
         for name in names:
             if name == "unet" and self.device_loop() is not None:
                 continue  # the device loop holds its own U-Net session
@@ -358,11 +364,21 @@ class Pipeline:
         callback: Callable[[int, float, np.ndarray], None] | None = None,
         progress: bool = False,
         return_latents: bool = False,
-        noise_level: int | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        generator=None,
+        decode: bool = True,
+            noise_level: int | None = None,
         tiling: Any = None,
         depth_map: Image.Image | str | Path | None = None,
         emphasis: bool = False,
     ) -> Result:
+        """SDXL: ``denoising_end`` stops the base part way (``decode=False`` keeps its latents, as
+        diffusers' ``output_type="latent"``); a refiner takes them as ``image`` (an ndarray) with
+        ``denoising_start``. ``generator``: an rng from :func:`runtime.rng.make_rng` to continue
+        (one generator through base and refiner, as diffusers users pass one)."""
         if self.info.family == "upscaler":  # its own loop: runtime.upscale
             if any(v is not None for v in (height, width, strength, mask, depth_map)) or controls:
                 raise PipelineInputError("an x4 upscaler export takes --image (output 4x its size) and --noise-level; "
@@ -375,11 +391,16 @@ class Pipeline:
         t_start = time.perf_counter()
         self.timings.clear()
         self.calls.clear()
+        xl = sdxl.XLRequest(denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score,
+                            image if isinstance(image, np.ndarray) else None, negative_prompt is None)
+        image, height, width, strength, guidance_scale = self._sdxl_defaults(xl, image, mask, height, width, strength,
+                                                                             guidance_scale)
         run = self.check_inputs(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, rng=rng,
                                 height=height, width=width, image=image, strength=strength, mask=mask,
                                 emphasis=emphasis)
+        run.xl = xl if self.info.is_sdxl else None
         given_depth = self._depth_input(run, depth_map)  # checked before any model runs
-        noise_rng = make_rng(seed, rng)
+        noise_rng = generator if generator is not None else make_rng(seed, rng)
         sched = self.make_scheduler(scheduler)
         embeddings = self.text_embeddings(run)
         timesteps = self.prepare_timesteps(sched, run)
@@ -393,7 +414,8 @@ class Pipeline:
         if loop is not None:  # the CUDA graph's fate (on, or off and why) belongs with the loop's reason
             loop_reason = f"{loop_reason}; CUDA graph {loop.cuda_graph_status}"
         check_finite("unet", latents, self.manifest.component("unet").precision)
-        images = self.decode(latents)
+        images = self.decode(latents) if decode else []
+        return_latents = return_latents or not decode
         self.timings["total"] = time.perf_counter() - t_start
         settings = self._settings(run, seed=seed, rng=rng, scheduler=scheduler, controls=controls,
                                   guess_mode=guess_mode, loop="device" if loop is not None else "numpy")
@@ -417,6 +439,20 @@ class Pipeline:
                       dict(self.timings), dict(self.calls), "the upscaler runs the numpy loop")
 
     # -- 1. inputs ------------------------------------------------------------------------------
+
+    def _sdxl_defaults(self, xl: sdxl.XLRequest, image, mask, height, width, strength, guidance_scale):
+        """SDXL's own arguments checked (and refused on other families), and diffusers' SDXL defaults:
+        guidance 5.0 and strength 0.3, inpainting 7.5 and 0.9999; base latents set the output size."""
+        sdxl.check_request(self.manifest, xl, has_image=image is not None and xl.latents is None, has_mask=mask is not None,
+                           error=PipelineInputError)
+        if xl.latents is not None:
+            f = self.info.vae_scale_factor
+            image, height, width = None, xl.latents.shape[2] * f, xl.latents.shape[3] * f
+        if self.info.is_sdxl:
+            strength = (0.9999 if mask is not None else 0.3) if strength is None else strength
+            if guidance_scale is None and "guidance_scale" not in (self.info.recommended or {}):
+                guidance_scale = 7.5 if mask is not None else 5.0
+        return image, height, width, strength, guidance_scale
 
     def check_inputs(self, prompt, negative_prompt, *, steps, guidance_scale, rng, height, width, image, strength,
                      mask, emphasis: bool = False) -> _Run:
@@ -450,7 +486,8 @@ class Pipeline:
         self._check_static_shape(height, width, len(prompts))
         do_cfg = guidance_scale > 1.0 and not self.info.time_cond_proj_dim
         check_request(self.info, height, width, len(prompts), steps, do_cfg, PipelineInputError)  # before any model runs
-        chunks = self.prompt_chunk_count(prompts + negatives if do_cfg else prompts, emphasis)
+        # SDXL: one 77-token window per encoder, as diffusers' SDXL pipelines truncate
+        chunks = 1 if self.info.is_sdxl else self.prompt_chunk_count(prompts + negatives if do_cfg else prompts, emphasis)
         return _Run(prompts, negatives, steps, guidance_scale, strength, height, width, init_image, mask_image, do_cfg,
                     bool(emphasis), chunks)
 
@@ -469,6 +506,12 @@ class Pipeline:
 
     def text_embeddings(self, run: _Run) -> np.ndarray:
         """The prompts' embeddings, after the negative prompts' when classifier-free guidance is on."""
+        if run.xl is not None:  # SDXL: two encoders, and the U-Net's added conditioning (one 77-token window)
+            if run.emphasis:
+                raise PipelineInputError("prompt emphasis (--emphasis) is not supported for SDXL exports yet")
+            embeddings, run.added_cond = self.sdxl.conditioning(run.prompts, run.negatives, run.height, run.width,
+                                                                run.do_cfg, run.xl)
+            return embeddings
         embeddings = self.encode_prompts(run.prompts, run.emphasis, run.prompt_chunks)
         if run.do_cfg:
             embeddings = np.concatenate([self.encode_prompts(run.negatives, run.emphasis, run.prompt_chunks), embeddings])
@@ -484,8 +527,10 @@ class Pipeline:
         except ValueError as e:  # a count the schedule cannot give: refused before the loop, not after it
             raise PipelineInputError(f"{type(sched).__name__}: {e}") from None
         timesteps = np.asarray(sched.timesteps)
-        if run.init_image is None:
-            return timesteps
+        if run.xl is not None and run.xl.denoising_start is not None:
+            return self._cut_at_end(sched, sdxl.start_at(sched, run.xl.denoising_start), run)
+        if run.init_image is None and (run.xl is None or run.xl.latents is None):
+            return self._cut_at_end(sched, timesteps, run)
         steps = run.steps
         init_steps = min(int(steps * run.strength), steps)
         t_start_index = max(steps - init_steps, 0)
@@ -495,6 +540,17 @@ class Pipeline:
             raise PipelineInputError(
                 f"strength {run.strength} with {steps} steps leaves no denoising step; raise --strength or --steps"
             )
+        return self._cut_at_end(sched, timesteps, run)
+
+    @staticmethod
+    def _cut_at_end(sched, timesteps, run: _Run) -> np.ndarray:
+        """SDXL's ``denoising_end`` (the base hands over to the refiner there); others unchanged."""
+        if run.xl is None:
+            return timesteps
+        timesteps = sdxl.cut_at_end(sched, timesteps, run.xl.denoising_end)
+        if len(timesteps) == 0:
+            raise PipelineInputError(f"this --denoising-start/--denoising-end with {run.steps} steps leaves no "
+                                     f"denoising step; raise --steps")
         return timesteps
 
     # -- 3. latents -----------------------------------------------------------------------------
@@ -503,6 +559,8 @@ class Pipeline:
         """The initial latents of txt2img, img2img or inpainting (random draws in diffusers' order)."""
         f = self.info.vae_scale_factor
         shape = (run.batch, self.info.latent_channels, run.height // f, run.width // f)
+        if run.xl is not None and (run.xl.latents is not None or run.xl.denoising_start is not None):
+            return self._handed_over_latents(run, sched, timesteps, rng)
         if run.init_image is None:
             return _Latents((rng.randn(shape) * F32(sched.init_noise_sigma)).astype(F32))
         pixels = imgproc.to_model_input(run.init_image, run.height, run.width)
@@ -512,6 +570,24 @@ class Pipeline:
             latents = sched.add_noise(image_latents, noise, timesteps[:1].repeat(run.batch))
             return _Latents(latents.astype(F32), image_latents, noise)
         return self._inpainting_latents(run, pixels, shape, sched, timesteps, rng)
+
+    def _handed_over_latents(self, run: _Run, sched, timesteps, rng) -> _Latents:
+        """SDXL img2img from the base's latents or with ``denoising_start``: no noise added at a
+        denoising_start (the base's latents are already noisy), as StableDiffusionXLImg2ImgPipeline."""
+        if run.xl.latents is not None:
+            image_latents = run.xl.latents.astype(F32)
+            if run.batch > len(image_latents) and run.batch % len(image_latents) == 0:
+                image_latents = np.concatenate([image_latents] * (run.batch // len(image_latents)))
+            elif run.batch != len(image_latents):
+                raise PipelineInputError(f"{len(image_latents)} base latents for {run.batch} prompts")
+        else:
+            pixels = imgproc.to_model_input(run.init_image, run.height, run.width)
+            image_latents = self._encode_batch(pixels, rng, run.batch)
+        if run.xl.denoising_start is not None:
+            return _Latents(image_latents, image_latents)
+        noise = rng.randn(image_latents.shape)
+        latents = sched.add_noise(image_latents, noise, timesteps[:1].repeat(run.batch))
+        return _Latents(latents.astype(F32), image_latents, noise)
 
     def _inpainting_latents(self, run: _Run, pixels, shape, sched, timesteps, rng) -> _Latents:
         full_strength = run.strength == 1.0
@@ -583,8 +659,9 @@ class Pipeline:
         elif state.depth is not None:
             depth = np.concatenate([state.depth, state.depth]) if run.do_cfg else state.depth
             unet_input = np.concatenate([model_input, depth], axis=1)
-        residuals = self._control_residuals(controls, i, t, latents, model_input, embeddings, sched, run.do_cfg)
-        noise_pred = self._unet(unet_input, t, embeddings, residuals, run.do_cfg)
+        residuals = self._control_residuals(controls, i, t, latents, model_input, embeddings, sched, run.do_cfg,
+                                            run.added_cond)
+        noise_pred = self._unet(unet_input, t, embeddings, residuals, run.do_cfg, run.added_cond)
         if run.do_cfg:
             uncond, text = np.split(noise_pred, 2)
             noise_pred = uncond + F32(run.guidance_scale) * (text - uncond)
@@ -703,9 +780,11 @@ class Pipeline:
         if static and static != batch:
             raise PipelineInputError(f"this export has a static batch of {static} prompt(s); asked for {batch}")
 
-    def _unet(self, sample, t, embeddings, residuals, do_cfg) -> np.ndarray:
+    def _unet(self, sample, t, embeddings, residuals, do_cfg, added=None) -> np.ndarray:
         name = "unet_control" if residuals is not None else "unet"
         session = self.session(name)
+        if added is not None:  # SDXL's text_embeds and time_ids: batched (and split) as the residuals are
+            residuals = {**(residuals or {}), **added}
 
         def call(x, e, res):
             feeds = {"sample": x, "timestep": np.full((x.shape[0],), t, dtype=F32), "encoder_hidden_states": e}
@@ -745,14 +824,16 @@ class Pipeline:
             state.append((c, cond, keep))
         return {"nets": state, "residual_names": names, "guess_mode": guess_mode}
 
-    def _control_residuals(self, state, i, t, latents, model_input, embeddings, sched, do_cfg):
+    def _control_residuals(self, state, i, t, latents, model_input, embeddings, sched, do_cfg, added=None):
         if state is None:
             return None
         guess = state["guess_mode"] and do_cfg
+        added = dict(added or {})  # SDXL ControlNets take text_embeds and time_ids too
         if guess:
             # only the conditional branch sees the control; the unconditional half gets zeros
             control_input = sched.scale_model_input(latents, t).astype(F32, copy=False)
             control_embeddings = embeddings[embeddings.shape[0] // 2:]
+            added = {k: v[v.shape[0] // 2:] for k, v in added.items()}
         else:
             control_input, control_embeddings = model_input, embeddings
         total = None
@@ -769,7 +850,7 @@ class Pipeline:
             else:
                 per_residual = np.full((n_res,), scale, F32)
             batched = {"sample": control_input, "timestep": np.full((n,), t, dtype=F32),
-                       "encoder_hidden_states": control_embeddings, "controlnet_cond": cond}
+                       "encoder_hidden_states": control_embeddings, "controlnet_cond": cond, **added}
             # Sequential CFG: the ControlNet, like the U-Net, sees one branch per call.
             halves = [slice(0, n // 2), slice(n // 2, n)] if self.cfg == "sequential" and do_cfg and not guess else [slice(0, n)]
             session = self.session(f"controlnet/{control.name}")

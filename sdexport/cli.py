@@ -269,8 +269,11 @@ def cmd_generate(args) -> int:
         progress=not args.quiet,
         return_latents=latents_out is not None,
         emphasis=args.emphasis,
+        **_sdxl_kwargs(args, pipe, options),
         **_upscale_args(args),
     )
+    if args.refiner:
+        result = _refine(args, result, latents_out is not None)
     files = [(output, imgproc.png_bytes(result.image, png_metadata(result.settings)))]
     if latents_out is not None:
         import io
@@ -290,6 +293,41 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _sdxl_kwargs(args, pipe, options) -> dict:
+    """SDXL's generate arguments; with --refiner the base stops at --denoising-end (0.8 by default)
+    and keeps its latents, and one generator runs through both experts (diffusers' ensemble of experts)."""
+    from runtime.pipeline import Pipeline
+    from runtime.rng import make_rng
+
+    kwargs = {k: getattr(args, k) for k in ("denoising_start", "denoising_end", "aesthetic_score",
+                                            "negative_aesthetic_score") if getattr(args, k) is not None}
+    if args.refiner:
+        if not pipe.info.is_sdxl:
+            raise UsageError(f"--refiner needs an SDXL base export; {args.dir} is a {pipe.info.family} model")
+        if args.denoising_start is not None:
+            raise UsageError("--denoising-start is the refiner's; with --refiner give --denoising-end (both experts use it)")
+        args.refiner_pipe = Pipeline.from_dir(args.refiner, options=options or None, cfg=args.cfg)  # checked before the base runs
+        if not args.refiner_pipe.info.is_sdxl:
+            raise UsageError(f"--refiner {args.refiner}: an SDXL export is needed; that one is a "
+                             f"{args.refiner_pipe.info.family} model")
+        args.denoising_end = kwargs["denoising_end"] = 0.8 if args.denoising_end is None else args.denoising_end
+        args.generator = kwargs["generator"] = make_rng(args.seed, args.rng)
+        kwargs["decode"] = False
+    return kwargs
+
+
+def _refine(args, base_result, return_latents: bool):
+    """The second expert: the refiner export continues the base's latents from --denoising-end."""
+    scores = {k: getattr(args, k) for k in ("aesthetic_score", "negative_aesthetic_score") if getattr(args, k) is not None}
+    result = args.refiner_pipe.generate(
+        args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler, seed=args.seed, rng=args.rng, image=base_result.latents,
+        denoising_start=args.denoising_end, generator=args.generator, progress=not args.quiet,
+        return_latents=return_latents, **scores,
+    )
+    result.timings["total"] += base_result.timings["total"]
+    result.settings.update(refiner=str(args.refiner), denoising_end=args.denoising_end)
+    return result
 def _upscale_args(args) -> dict:
     """x4 upscaler exports: --noise-level and the tiling of large inputs (passed only when given)."""
     out = {}
@@ -540,6 +578,14 @@ def _generate_parser(sub) -> None:
                    help="Core ML exports: override the compute units the export chose")
     g.add_argument("--winograd", choices=declared.WINOGRAD_RUN_MODES,
                    help="OpenVINO CPU at f32: apply the export's Winograd plan (auto, default) or not (off)")
+    g.add_argument("--denoising-end", type=float, metavar="F",
+                   help="SDXL: stop the schedule at this fraction (the base's share; with --refiner default 0.8)")
+    g.add_argument("--denoising-start", type=float, metavar="F",
+                   help="SDXL: start the schedule at this fraction, adding no noise to --image (a refiner's share)")
+    g.add_argument("--refiner", metavar="DIR", help="SDXL: an export that takes over at --denoising-end "
+                   "(ensemble of experts: base then refiner, one seed)")
+    g.add_argument("--aesthetic-score", type=float, help="SDXL refiner time ids (default 6.0)")
+    g.add_argument("--negative-aesthetic-score", type=float, help="SDXL refiner time ids, negative side (default 2.5)")
     g.add_argument("--output", "-o", required=True, help="PNG file to write")
     g.add_argument("--latents-out", help="also save the final latents (.npy)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")

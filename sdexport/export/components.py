@@ -124,6 +124,10 @@ def residual_layout(unet_config: dict) -> tuple[tuple[int, int], ...]:
 
 
 def model_info(source: Source) -> ModelInfo:
+    if source.unet_config.get("addition_embed_type") == "text_time":
+        from sdexport.export.sdxl_info import sdxl_model_info
+
+        return dataclasses.replace(sdxl_model_info(source), control_residuals=residual_layout(source.unet_config))
     unet, vae, text = source.unet_config, source.vae_config, source.text_encoder_config
     sched = source.scheduler_config
     prediction = sched.get("prediction_type", "epsilon")
@@ -192,6 +196,7 @@ class ComponentSpec:
     # 2**levels and to the skip connection's size otherwise; a trace at an odd latent size records
     # the second branch, which is right for every size (the first only for even ones).
     trace_pad: int = 0
+    keep_fp32: str | None = None  # why this component stays fp32 whatever precision is asked (SDXL's VAE)
 
     def static(self, shape: Shape, keep_batch_dynamic: bool = True) -> "ComponentSpec":
         """The same spec with spatial (and optionally batch) axes fixed to ``shape``."""

@@ -92,11 +92,13 @@ def check_controlnet(cn: ControlNetSource, source: Source) -> None:
         raise SourceError(f"ControlNet {cn.name!r}: global_pool_conditions (shuffle-type) ControlNets are not supported")
 
 
-def write_tokenizer(source: Source, out: Path) -> dict:
-    """vocab.json + merges.txt (what the runtime reads) and the config that sets pad token and length."""
+def write_tokenizer(source: Source, out: Path, directory: Path | None = None) -> dict:
+    """vocab.json + merges.txt (what the runtime reads) and the config that sets pad token and length.
+    ``directory``: another tokenizer of the source than ``tokenizer_dir`` (SDXL's tokenizer_2)."""
     out.mkdir(parents=True, exist_ok=True)
+    directory = directory or source.tokenizer_dir
     try:
-        tok = CLIPTokenizer.from_dir(source.tokenizer_dir)
+        tok = CLIPTokenizer.from_dir(directory)
     except TokenizerError as e:
         raise SourceError(str(e)) from None
     (out / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
@@ -105,25 +107,30 @@ def write_tokenizer(source: Source, out: Path) -> dict:
     config = {"pad_token": tok.pad_token, "model_max_length": tok.max_length,
               "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>"}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return tokenizer_parity(source, out)
+    return tokenizer_parity(source, out, directory)
 
 
-def tokenizer_parity(source: Source, written: Path) -> dict:
+def tokenizer_parity(source: Source, written: Path, directory: Path | None = None) -> dict:
     """The written tokenizer against transformers' on a few prompts: ids must be identical."""
     from transformers import CLIPTokenizer as Reference
 
     prompts = ["a photo of an astronaut riding a horse on mars", "", "(masterpiece:1.2), 8k, café 東京 🙂",
                "word " * 90, "Hello, World!!! it's 3.14"]
-    reference = Reference.from_pretrained(str(source.tokenizer_dir))
+    directory = directory or source.tokenizer_dir
+    reference = Reference.from_pretrained(str(directory))
     ours = CLIPTokenizer.from_dir(written)
     expected = reference(prompts, padding="max_length", max_length=ours.max_length, truncation=True).input_ids
     same = ours(prompts).tolist() == [list(e) for e in expected]
     if not same:
-        raise ExportError(f"{source.tokenizer_dir}: the runtime tokenizer disagrees with transformers on this vocabulary")
+        raise ExportError(f"{directory}: the runtime tokenizer disagrees with transformers on this vocabulary")
     return {"reference": "transformers CLIPTokenizer", "prompts": len(prompts), "identical": True}
 
 
 def component_specs(source: Source, info: ModelInfo, controlnets: list[ControlNetSource]) -> list[ComponentSpec]:
+    if info.is_sdxl:
+        from sdexport.export import sdxl
+
+        return sdxl.component_specs(source, info, controlnets)
     specs = [text_encoder_spec(source, info), unet_spec(source, info)]
     if controlnets:
         specs.append(unet_spec(source, info, control=True))
@@ -162,6 +169,10 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
         raise OptionError(f"target {target.name} supports --precision {', '.join(target.precisions)}, not {options.precision!r}")
     info = model_info(source)
     check_options(options, info)
+    if info.is_sdxl:
+        from sdexport.export.sdxl import check_sdxl_options
+
+        check_sdxl_options(options)
     controlnets = [ControlNetSource.parse(s) for s in options.controlnets]
     names = [cn.name for cn in controlnets]
     if len(set(names)) != len(names):
@@ -180,7 +191,13 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
         return _write_plan(source, out, options, target, info, specs, command)
 
     with staged_directory(out, options.overwrite, [source_path]) as stage:
-        tokenizer_check = write_tokenizer(source, stage / "tokenizer")
+        tokenizer_dirs = {}
+        if info.is_sdxl:
+            from sdexport.export.sdxl import write_tokenizers
+
+            tokenizer_check, tokenizer_dirs = write_tokenizers(source, stage, write_tokenizer)
+        else:
+            tokenizer_check = write_tokenizer(source, stage / "tokenizer")
         (stage / "scheduler").mkdir()
         shutil.copyfile(source.path / "scheduler" / "scheduler_config.json", stage / "scheduler" / "scheduler_config.json")
         if info.family == "upscaler":
@@ -195,6 +212,7 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
         manifest = Manifest(
             model=info,
             components=components,
+            **tokenizer_dirs,
             exporter={
                 "name": "sdexport",
                 "version": __version__,
@@ -277,7 +295,11 @@ def export_component(spec: ComponentSpec, target: Target, stage: Path, options: 
         spec = spec.static(trace, keep_batch_dynamic=_keep_batch_dynamic(options))
     module = spec.module()
     precision = options.precision
+    if spec.keep_fp32 and precision != "fp32":
+        precision = "fp32"
     component = _convert(spec, module, target, stage, options, precision)
+    if spec.keep_fp32 and options.precision != "fp32":
+        component.details["force_upcast"] = spec.keep_fp32  # the manifest and `sdexport inspect` say why
     backend_options, skipped = _validation_backend(component, options)
     if options.validate and not target.can_validate_here():
         # The backend cannot run here (Core ML off macOS): record that, and what the target can check.

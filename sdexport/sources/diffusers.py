@@ -11,6 +11,8 @@ from pathlib import Path
 from sdexport.errors import SourceError
 
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# An SDXL refiner has only the second (OpenCLIP bigG) text encoder and its tokenizer.
+FIRST_ENCODER, SECOND_ENCODER = ("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")
 
 
 @dataclasses.dataclass
@@ -34,6 +36,8 @@ class DiffusersSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SourceError(f"{index_path}: not valid JSON ({e})") from None
         missing = [p for p in REQUIRED_PARTS if not (path / p).is_dir()]
+        if set(missing) == set(FIRST_ENCODER) and all((path / p).is_dir() for p in SECOND_ENCODER):
+            missing = []  # an SDXL refiner
         if missing:
             raise SourceError(f"{path}: diffusers folder lacks {', '.join(missing)}")
         source = cls(path)
@@ -72,6 +76,25 @@ class DiffusersSource:
     @property
     def tokenizer_dir(self) -> Path:
         return self.path / "tokenizer"
+
+    # -- SDXL: the second text encoder (absent from SD 1.x/2.x folders; the only one of a refiner) --
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return (self.path / "text_encoder").is_dir()
+
+    @functools.cached_property
+    def text_encoder_2_config(self) -> dict | None:
+        return self._config("text_encoder_2") if (self.path / "text_encoder_2").is_dir() else None
+
+    @property
+    def tokenizer_2_dir(self) -> Path | None:
+        return self.path / "tokenizer_2" if (self.path / "tokenizer_2").is_dir() else None
+
+    def load_text_encoder_2(self):
+        from transformers import CLIPTextModelWithProjection
+
+        return self._load(CLIPTextModelWithProjection.from_pretrained, "text_encoder_2")
 
     def _load(self, loader, part: str):
         try:

@@ -134,8 +134,13 @@ class SchedulerOverlay:
     scheduler_config = property(lambda self: self._scheduler)
     tokenizer_dir = property(lambda self: self.base.tokenizer_dir)
     pipeline_class = property(lambda self: self.base.pipeline_class)
+    # SDXL's second text encoder, where the base has one
+    has_text_encoder = property(lambda self: getattr(self.base, "has_text_encoder", None))
     text_encoder_2_config = property(lambda self: getattr(self.base, "text_encoder_2_config", None))
     tokenizer_2_dir = property(lambda self: getattr(self.base, "tokenizer_2_dir", None))
+
+    def load_text_encoder_2(self):
+        return self.base.load_text_encoder_2()
 
     def load_unet(self):
         return self.base.load_unet()
@@ -178,7 +183,10 @@ def open_source(path: str | Path, loras: Iterable = (), config: str | Path | Non
             raise SourceError(f"{path}: its scheduler says prediction_type {current!r}; edit "
                               f"scheduler/scheduler_config.json to use {prediction_type!r}")
         if few_step is not None:
-            source = SchedulerOverlay(source, few_step_scheduler(source.scheduler_config, few_step), few_step)
+            scheduler = few_step_scheduler(source.scheduler_config, few_step)
+            if few_step == "turbo" and source.unet_config.get("addition_embed_type") == "text_time":
+                scheduler["_class_name"] = "EulerAncestralDiscreteScheduler"  # SDXL-Turbo's own scheduler config
+            source = SchedulerOverlay(source, scheduler, few_step)
     else:
         overrides = None
         if few_step is not None:

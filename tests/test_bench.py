@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 
@@ -21,11 +20,9 @@ def artifact(tmp_path_factory, tiny_sd1):
 
 @pytest.mark.slow
 def test_bench_report(artifact, tiny_sd1, tmp_path):
-    start = time.perf_counter()
+    # No wall-time assertion: speed is a benchmark's claim, and a loaded 2-core CI machine made it flaky.
     assert main(["bench", str(artifact), "--reference", str(tiny_sd1), "--height", "64", "--width", "64",
                  "--steps", "10", "--out", str(tmp_path / "b"), "--quiet"]) == 0
-    elapsed = time.perf_counter() - start
-    assert elapsed < 60, f"bench took {elapsed:.0f} s"
     data = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert data["schema"] == "sdexport-bench/1"
     for key in ("cpu", "cores", "libraries", "python"):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, machine_info, prepare_model, write_results
+from sdexport.measure.child import export_cost, run_child
 
 RANK = 16
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -55,11 +55,6 @@ def make_loras(artifact: Path, out: Path, count: int) -> list[Path]:
 
 
 CHILD = r"""
-import json, sys, time
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
 from runtime import Pipeline
 artifact, loras, switch = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 start = time.perf_counter()
@@ -73,28 +68,6 @@ if switch:
     result |= {"switch_seconds": time.perf_counter() - start, "reloaded": sorted(reloaded), "peak_rss_after_switch": rss("VmHWM:")}
 print(json.dumps(result))
 """
-
-EXPORT_CHILD = r"""
-import json, sys, time
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-from sdexport.export.run import export
-from sdexport.export.targets.base import ExportOptions
-model, out, target, loras = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-start = time.perf_counter()
-export(model, out, ExportOptions(target=target, validate=False, loras=tuple(f"{f}:0.8" for f in loras), overwrite=True),
-       progress=False)
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": rss("VmHWM:")}))
-"""
-
-
-def child(code: str, *args: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,15 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     for target in args.targets.split(","):
         artifact = args.work / f"{target}-base"
         if not (artifact / "sdexport.json").exists():
-            data["runs"][f"{target} base export"] = child(EXPORT_CHILD, model, artifact, target, "[]")
+            data["runs"][f"{target} base export"] = export_cost(model, "--target", target, "--out", artifact,
+                                                                "--no-validate", "--overwrite")
         loras = make_loras(artifact, args.work, 5)
         names = [str(f) for f in loras]
         for label, chosen, switch in (("no LoRA", [], names[1:2]), ("1 LoRA", names[:1], names[1:2]), ("5 LoRAs", names, [])):
-            data["runs"][f"{target} {label}"] = child(CHILD, artifact, json.dumps(chosen), json.dumps(switch))
+            data["runs"][f"{target} {label}"] = run_child(CHILD, artifact, json.dumps(chosen), json.dumps(switch))
             print(target, label, data["runs"][f"{target} {label}"], file=sys.stderr)
             write_results("lora-runtime-cpu", data, markdown(data), args.out)  # each run kept as it finishes
         if not args.skip_fused:
-            data["runs"][f"{target} export --lora (1 LoRA)"] = child(EXPORT_CHILD, model, args.work / f"{target}-fused", target, json.dumps(names[:1]))
+            fused = args.work / f"{target}-fused"
+            data["runs"][f"{target} export --lora (1 LoRA)"] = export_cost(
+                model, "--target", target, "--out", fused, "--no-validate", "--overwrite", "--lora", f"{names[0]}:0.8")
         write_results("lora-runtime-cpu", data, markdown(data), args.out)
     return 0
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,11 +59,6 @@ def write_random_checkpoint(path: Path, plan: dict, seed: int) -> Path:
 
 
 CHILD = r"""
-import json, sys, time
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
 import torch, safetensors.torch
 from sdexport.sources.merge import merge_checkpoints, merge_tensor
 from sdexport.sources.checkpoint import SafetensorsWriter
@@ -96,12 +89,12 @@ print(json.dumps({"baseline_rss": baseline, "peak_rss": rss("VmHWM:"), "seconds"
 def measure(kind: str, a: Path, b: Path, out: Path, alpha: float = 0.3, method: str = "weighted",
             base: Path | None = None) -> dict:
     """Run one merge in a fresh Python process; its peak and baseline resident memory in bytes, and seconds."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", CHILD, kind, str(a), str(b), str(out), str(alpha), method,
-                           str(base) if base else "-"], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} merge failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from sdexport.measure.child import run_child
+
+    try:
+        return run_child(CHILD, kind, a, b, out, alpha, method, base or "-")
+    except RuntimeError as e:
+        raise RuntimeError(f"{kind} merge failed: {e}") from None
 
 
 def markdown(data: dict) -> str:

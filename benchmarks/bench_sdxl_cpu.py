@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, machine_info, markdown_table, timeit, write_results  # noqa: E402
 from runtime.metrics import psnr  # noqa: E402
+from sdexport.measure.child import export_cost  # noqa: E402
 
 PROMPT = "a photo of a red circle in the top left on a blue background"
 TARGETS = {"ONNX Runtime fp32": "onnx", "OpenVINO fp32": "openvino"}
@@ -42,16 +42,12 @@ def prepare(kind: str, work: Path) -> Path:
     return src
 
 
-def export_in_child(src: Path, out: Path, target: str) -> dict:
-    """The export in its own process: wall time and its peak RSS (its own ru_maxrss, KiB on Linux)."""
+def export_stats(src: Path, out: Path, target: str) -> dict:
+    """The export's wall time and peak RSS, measured in its own process."""
     if (out / "sdexport.json").exists():
         return {"cached": True}
-    code = ("import resource, sys; from sdexport.cli import main; rc = main(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, "export", str(src), "--target", target, "--out", str(out),
-                           "--overwrite", "--quiet"], check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    return {"seconds": time.perf_counter() - start, "peak_rss_gib": int(done.stdout.split()[-1]) / 2**20}
+    cost = export_cost(src, "--target", target, "--out", out, "--overwrite")
+    return {"seconds": cost["seconds"], "peak_rss_gib": cost["peak_rss"] / 2**30}
 
 
 def unet_feeds(info, size: int) -> dict[str, np.ndarray]:
@@ -96,7 +92,7 @@ def main() -> None:
 
     src = prepare(args.model, args.work)
     exports = {label: args.work / f"sdxl-{args.model}-{target}" for label, target in TARGETS.items()}
-    export_stats = {label: export_in_child(src, out, TARGETS[label]) for label, out in exports.items()}
+    export_stats = {label: export_stats(src, out, TARGETS[label]) for label, out in exports.items()}
     info = Manifest.load(exports["ONNX Runtime fp32"]).model
     feeds = unet_feeds(info, size)
     unet_ms = {"diffusers fp32": torch_unet_ms(src, feeds, args.repeats)}

@@ -250,6 +250,8 @@ def cmd_generate(args) -> int:
     options = {k: getattr(args, k) for k in ("device", "threads", "compute_units", "winograd") if getattr(args, k)}
     pipe = Pipeline.from_dir(args.dir, options=options or None, cfg=args.cfg, loras=args.lora or ())
     controls = _controls(args, pipe)
+    if pipe.info.is_sdxl:  # SDXL keeps diffusers' one window per encoder (SD 1.x/2.x take long prompts)
+        _warn_truncated(pipe.tokenizer, {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt or ""})
     result = pipe.generate(
         args.prompt,
         args.negative_prompt,
@@ -291,6 +293,16 @@ def cmd_generate(args) -> int:
         total = result.timings["total"]
         print(f"wrote {output} ({result.image.width}x{result.image.height}) in {total:.2f} s", file=sys.stderr)
     return 0
+
+
+def _warn_truncated(tokenizer, prompts: dict[str, str]) -> None:
+    """The text encoder sees one window of tokens; say how many were cut rather than drop them silently."""
+    window = tokenizer.max_length - 2
+    for flag, prompt in prompts.items():
+        dropped = len(tokenizer.encode(prompt)) - window
+        if dropped > 0:
+            print(f"sdexport: warning: {flag} is longer than the text encoder's {window} tokens; "
+                  f"its last {dropped} tokens are ignored (SDXL, as diffusers)", file=sys.stderr)
 
 
 def _sdxl_kwargs(args, pipe, options) -> dict:

@@ -566,7 +566,7 @@ def test_fixed_sizes_fold_the_unet_shape_computations(artifact, tmp_path):
     shapes = {"sample": (2, 4, 8, 8), "timestep": (2,), "encoder_hidden_states": (2, 77, 32)}
     plain = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     dims = symbolic_sizes({i.name: i for i in plain.get_inputs()}, shapes)
-    assert dims == {"N": 2, "h": 8, "w": 8}
+    assert dims == {"N": 2, "h": 8, "w": 8, "S": 77}  # S: the prompt chunks' sequence axis
 
     def optimized_ops(fixed):
         so = ort.SessionOptions()
@@ -599,4 +599,4 @@ def test_fixed_size_sessions_give_the_same_latents(pipe, artifact):
     loop._graph_mode = "static"  # what a refused capture on CUDA leaves
     pipe.cfg = "batched"
     _assert_close(_device_txt2img(pipe, loop, "euler"), _numpy_txt2img(pipe, "euler"))
-    assert loop.cuda_graph_status == "on (sizes fixed: N=2, h=8, w=8)"
+    assert loop.cuda_graph_status == "on (sizes fixed: N=2, h=8, w=8, S=77)"

@@ -296,6 +296,16 @@ def test_controlnet_equals_diffusers(exported, models, sdxl_controlnets, tmp_pat
     _check(ours, theirs)
 
 
+def test_long_prompt_warns_how_many_tokens_were_dropped(exported, tmp_path, capsys):
+    """SDXL keeps diffusers' one 77-token window per encoder: what is cut is said, not dropped silently."""
+    out = tmp_path / "long.png"
+    code = main(["generate", str(exported("base")), "--prompt", " ".join(["cat"] * 80), "--steps", "1",
+                 "--height", "64", "--width", "64", "--quiet", "--output", str(out)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 0 and out.exists()
+    assert len(lines) == 1 and lines[0].startswith("sdexport: warning: --prompt") and "last 5 tokens" in lines[0], lines
+
+
 def test_controlnet_of_the_other_family_is_one_line(models, tiny_controlnets, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["export", str(models["base"]), "--controlnet", f"edges={tiny_controlnets['edges']}", "--out", str(out),

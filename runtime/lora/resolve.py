@@ -142,7 +142,7 @@ def _targets(manifest, lora: LoraFile, module: LoraModule) -> list[tuple[str, st
         _check_patchable(component)
         name = _lookup(component, module)
         if name is None:
-            if found:
+            if found or _past_exported_layers(component, module):
                 continue
             raise LoraError(f"{where}: adapts {module.name}, which the {component.name} of this export does not have "
                             "(or does not store as a patchable weight)")
@@ -184,6 +184,19 @@ def _lookup(component, module: LoraModule) -> str | None:
         if name in table:
             return name
     return None
+
+
+_ENCODER_LAYER = re.compile(r"(?:^|[._])encoder[._]layers[._](\d+)[._]")
+
+
+def _past_exported_layers(component, module: LoraModule) -> bool:
+    """A text encoder layer above every layer the export holds: the graph stops before it (SDXL's first
+    encoder returns the penultimate hidden state, so its last layer is not exported) and a LoRA on it
+    cannot change what the export computes, as in diffusers, whose output does not depend on it either."""
+    if component.role != "text_encoder" or not (m := _ENCODER_LAYER.search(module.name)):
+        return False
+    held = [int(h.group(1)) for name in component.weights if (h := _ENCODER_LAYER.search(name))]
+    return bool(held) and int(m.group(1)) > max(held)
 
 
 def _check_shape(where: str, module: LoraModule, name: str, ref: WeightRef) -> None:

@@ -10,6 +10,7 @@ Pure functions on strings: the export side (``sdexport.sources.lora``) and the r
 
 from __future__ import annotations
 
+import json
 import re
 
 UNSUPPORTED = {
@@ -93,3 +94,19 @@ def pattern_value(patterns, name: str):
 
 def layout_of(layouts: set[str]) -> str:
     return "kohya" if layouts == {"kohya"} else ("peft" if "peft" in layouts else "diffusers-old")
+
+
+def adapter_metadata(raw: str) -> dict[str, dict]:
+    """Per component LoraConfig fields from diffusers' ``lora_adapter_metadata`` JSON ("unet.r": 4, ...).
+    ValueError saying what is wrong with it; callers add the file's name and their own error type."""
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError("lora_adapter_metadata is not valid JSON") from None
+    if not isinstance(flat, dict):
+        raise ValueError("lora_adapter_metadata is not a JSON object")
+    out: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, field = str(key).partition(".")
+        out.setdefault(component, {})[field] = value
+    return out

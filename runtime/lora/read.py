@@ -10,7 +10,6 @@ r the rank (rsLoRA: sqrt(r)).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Mapping
@@ -99,19 +98,11 @@ def _group(tensors: Mapping[str, np.ndarray], path: Path) -> tuple[dict, set[str
 
 def _peft_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, dict]:
     """Per component LoraConfig fields from diffusers' ``lora_adapter_metadata``."""
-    out: dict[str, dict] = {}
     raw = metadata.get("lora_adapter_metadata")
-    if raw:
-        try:
-            flat = json.loads(raw)
-        except json.JSONDecodeError:
-            raise LoraError(f"{path}: lora_adapter_metadata is not valid JSON") from None
-        if not isinstance(flat, dict):
-            raise LoraError(f"{path}: lora_adapter_metadata is not a JSON object")
-        for key, value in flat.items():
-            component, _, field = str(key).partition(".")
-            out.setdefault(component, {})[field] = value
-    return out
+    try:
+        return keys.adapter_metadata(raw) if raw else {}
+    except ValueError as e:
+        raise LoraError(f"{path}: {e}") from None
 
 
 def _module(key, group: dict, config: Mapping[str, dict], path: Path) -> LoraModule | None:

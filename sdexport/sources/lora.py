@@ -127,16 +127,11 @@ _split_component = lora_keys.split_component
 
 def _peft_metadata(metadata: Mapping[str, str], path: Path) -> dict[str, dict]:
     """Per component LoraConfig fields: diffusers' ``lora_adapter_metadata`` or a PEFT adapter_config.json."""
-    out: dict[str, dict] = {}
     raw = metadata.get("lora_adapter_metadata")
-    if raw:
-        try:
-            flat = json.loads(raw)
-        except json.JSONDecodeError:
-            raise SourceError(f"{path}: lora_adapter_metadata is not valid JSON") from None
-        for key, value in flat.items():
-            component, _, field = key.partition(".")
-            out.setdefault(component, {})[field] = value
+    try:
+        out = lora_keys.adapter_metadata(raw) if raw else {}
+    except ValueError as e:
+        raise SourceError(f"{path}: {e}") from None
     config = path.parent / "adapter_config.json"
     if config.is_file() and not out:
         try:

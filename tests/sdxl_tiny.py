@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdexport.demo.tiny_sdxl import tiny_sdxl_vae
+
 TEXT_HIDDEN, TEXT2_HIDDEN, PROJECTION, TIME_DIM = 32, 48, 32, 8
 
 
@@ -38,15 +40,6 @@ def _unet(refiner: bool):
     ).eval()
 
 
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32),
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=128,
-                         scaling_factor=0.13025, force_upcast=True).eval()
-
-
 def build_tiny_sdxl(refiner: bool = False, seed: int = 0):
     """A StableDiffusionXLPipeline (refiner: StableDiffusionXLImg2ImgPipeline without text_encoder)."""
     import diffusers
@@ -54,7 +47,7 @@ def build_tiny_sdxl(refiner: bool = False, seed: int = 0):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    unet, vae = _unet(refiner), _vae()
+    unet, vae = _unet(refiner), tiny_sdxl_vae()
     text_encoder = None if refiner else CLIPTextModel(_text_config("quick_gelu", TEXT_HIDDEN)).eval()
     text_encoder_2 = CLIPTextModelWithProjection(_text_config("gelu", TEXT2_HIDDEN)).eval()
     scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

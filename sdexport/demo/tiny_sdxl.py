@@ -38,7 +38,8 @@ def _unet(cross_attention_dim: int, n_time_ids: int, in_channels: int = 4):
     ).eval()
 
 
-def _vae():
+def tiny_sdxl_vae():
+    """SDXL's VAE at toy width: its scaling factor and force_upcast."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32),
@@ -67,7 +68,7 @@ def build_tiny_sdxl(refiner: bool = False, seed: int = 0, inpainting: bool = Fal
     torch.manual_seed(seed)
     unet = _unet(TEXT_WIDTH if refiner else 2 * TEXT_WIDTH, 5 if refiner else 6, 9 if inpainting else 4)
     torch.manual_seed(seed + 1)
-    vae = _vae()
+    vae = tiny_sdxl_vae()
     torch.manual_seed(seed + 2)
     text_encoder = None if refiner else CLIPTextModel(_text_config()).eval()
     torch.manual_seed(seed + 3)

@@ -8,11 +8,10 @@ ControlNet residual layout, which is the same function of the U-Net config as fo
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 from runtime.manifest import ModelInfo
 from sdexport.errors import SourceError
+from sdexport.sources.base import model_index
 
 
 def is_sdxl(unet_config: dict) -> bool:
@@ -34,13 +33,7 @@ def has_text_encoder(source) -> bool:
 def pipeline_flags(source) -> dict:
     """``requires_aesthetics_score`` and ``force_zeros_for_empty_prompt`` from model_index.json, with
     the defaults diffusers' SDXL pipelines register (False, True) where the index does not say."""
-    index_path = Path(source.path) / "model_index.json"
-    index = {}
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SourceError(f"{index_path}: not valid JSON ({e})") from None
+    index = model_index(source)
     return {"requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
             "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
 

@@ -4,30 +4,20 @@ low-resolution input (copied into the artifact at ``runtime.upscale.LOW_RES_SCHE
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from runtime.upscale import LOW_RES_SCHEDULER
 from sdexport.errors import SourceError
+from sdexport.sources.base import model_index
 
 DEFAULT_MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline.__init__'s default
 SCALING_FACTOR = 0.08333  # the pipeline sets this on any VAE config that says otherwise
 
 
-def _index(source) -> dict:
-    path = Path(source.path) / "model_index.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SourceError(f"{path}: not valid JSON ({e})") from None
-
-
 def upscaler_noise_level(source) -> int:
     """``max_noise_level`` from model_index.json (the pipeline's config), 350 when absent as in diffusers."""
-    value = _index(source).get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL)
+    value = model_index(source).get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SourceError(f"{source.path}/model_index.json: max_noise_level {value!r} is not an integer >= 0")
     return value

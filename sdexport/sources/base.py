@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Protocol, runtime_checkable
 
@@ -53,3 +54,17 @@ def sample_names(names: Iterable[str], n: int = 3) -> str:
     """The first ``n`` names and how many more, for one-line messages."""
     names = list(names)
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def model_index(source) -> dict:
+    """A folder source's model_index.json (the pipeline's own config): {} where there is none, as for a
+    single file; SourceError naming the file when it is not valid JSON."""
+    from sdexport.errors import SourceError
+
+    path = Path(source.path) / "model_index.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: not valid JSON ({e})") from None

@@ -419,11 +419,3 @@ def test_force_upcast_vae_stays_fp32_in_a_reduced_export(models, tmp_path):
     component = export_component(spec, get_target("onnx"), tmp_path, options, 16)
     assert component.precision == "fp32" and component.details["force_upcast"] == sdxl.FORCE_UPCAST
     assert component.parity["psnr_db"] >= 60
-
-
-def test_calibrated_precision_refused_for_sdxl(models, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["export", str(models["base"]), "--target", "openvino", "--precision", "int8-static", "--out", str(out),
-                 "--quiet"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not yet for SDXL" in err[0] and not out.exists()

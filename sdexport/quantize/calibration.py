@@ -35,6 +35,7 @@ import numpy as np
 
 from sdexport.errors import ExportError, OptionError
 from sdexport.measure.reference_schedulers import DIFFUSERS_SCHEDULERS, use_scheduler
+from sdexport.quantize import calibration_sdxl
 
 __all__ = [
     "CalibrationSettings",
@@ -290,6 +291,8 @@ def collect(
         "settings": dataclasses.asdict(settings),
         "prompts": hashlib.sha256("\n".join(load_prompts()).encode()).hexdigest(),
     }
+    if (family := calibration_sdxl.family(source_path)) is not None:  # SD keys stay as they were
+        key_data.update(family=family, files_2=_files_fingerprint(source_path / p for p in calibration_sdxl.EXTRA_FOLDERS))
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:24]
     cache = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir else None)
     path = cache / f"{key}.npz" if cache else None
@@ -304,13 +307,17 @@ def collect(
     return data
 
 
-def _load_pipeline(source_path: Path, inpaint: bool, scheduler: str | None, unet):
+def _load_pipeline(source_path: Path, inpaint: bool, scheduler: str | None, unet, info=None):
     import diffusers
 
     cls = diffusers.StableDiffusionInpaintPipeline if inpaint else diffusers.StableDiffusionPipeline
     extra = {"unet": unet} if unet is not None else {}
+    if info is not None and info.is_sdxl:  # SDXL pipelines have no safety checker to turn off
+        cls = calibration_sdxl.pipeline_class(info)
+    else:
+        extra.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = cls.from_pretrained(str(source_path), safety_checker=None, requires_safety_checker=False, **extra)
+        pipe = cls.from_pretrained(str(source_path), **extra)
     except Exception as e:  # diffusers raises many types for unusable folders
         raise ExportError(f"{source_path}: cannot load the diffusers pipeline for calibration "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
@@ -326,6 +333,7 @@ def _record(source_path: Path, components: Sequence[str], height: int, width: in
     prompts = _pick_prompts(settings)
     recorder = _UNetRecorder(info, components, cn_model)
     feeds = recorder.feeds
+    needs_image = recorder.cn_model is not None or info.is_inpainting or (info.is_sdxl and calibration_sdxl.needs_image(info))
     handle = pipe.unet.register_forward_pre_hook(recorder.hook, with_kwargs=True)
     previous_image = None
     try:
@@ -338,11 +346,13 @@ def _record(source_path: Path, components: Sequence[str], height: int, width: in
             prompt, negative = prompts[i], NEGATIVE_PROMPTS[i % len(NEGATIVE_PROMPTS)]
             recorder.start_prompt(_step_indices(i, settings.per_prompt, settings.steps))
             image = None
-            if recorder.cn_model is not None or info.is_inpainting:
+            if needs_image:
                 image = previous_image or _synthetic_image((height, width), settings.seed + i)
-            latents, pixels = _generate(pipe, recorder, i, prompt, negative, image, settings, height, width, info.is_inpainting)
+            extra = calibration_sdxl.run_kwargs(info, negative, image, settings.steps) if info.is_sdxl else {}
+            latents, pixels = _generate(pipe, recorder, i, prompt, negative, image, settings, height, width,
+                                        info.is_inpainting, extra, decode=needs_image or "vae_encoder" in feeds)
             _record_text_and_vae(feeds, pipe, (prompt, negative), latents, pixels)
-            previous_image = _to_pil(pixels)
+            previous_image = _to_pil(pixels) if pixels is not None else None
     finally:
         handle.remove()
     for c in recorder.wanted_unet:
@@ -351,6 +361,7 @@ def _record(source_path: Path, components: Sequence[str], height: int, width: in
     return CalibrationData(feeds, {
         "settings": dataclasses.asdict(settings),
         "scheduler": type(pipe.scheduler).__name__,
+        "pipeline": type(pipe).__name__,
         "prompts": prompts,
         "controlnet": str(controlnet) if cn_model is not None else None,
         "residuals": ("controlnet" if cn_model is not None else "zeros") if "unet_control" in components else None,
@@ -370,7 +381,9 @@ def _open_reference(source_path: Path, components: Sequence[str], settings: Cali
     if info.unet_in_channels not in (info.latent_channels, 2 * info.latent_channels + 1):
         raise ExportError(f"{source_path}: calibration runs txt2img or inpainting pipelines; a U-Net with "
                           f"{info.unet_in_channels} input channels ({info.family}) is not supported")
-    pipe = _load_pipeline(source_path, info.is_inpainting, settings.scheduler, unet)
+    if info.is_sdxl:
+        calibration_sdxl.check_components(info, components)
+    pipe = _load_pipeline(source_path, info.is_inpainting, settings.scheduler, unet, info)
     cn_model = None
     if controlnet is not None and "unet_control" in components:
         from diffusers import ControlNetModel
@@ -416,14 +429,17 @@ class _UNetRecorder:
             else torch.as_tensor(timestep).float().reshape(n)
         feed = {"sample": sample.detach().float().numpy().copy(), "timestep": t.numpy().copy(),
                 "encoder_hidden_states": ehs.detach().float().numpy().copy()}
+        added = kwargs.get("added_cond_kwargs") or None  # SDXL: named as the exported U-Net's inputs
+        if added is not None:
+            feed.update({k: added[k].detach().float().numpy().copy() for k in calibration_sdxl.ADDED_INPUTS})
         if kwargs.get("timestep_cond") is not None:
             feed["timestep_cond"] = kwargs["timestep_cond"].detach().float().numpy().copy()
         if "unet" in self.feeds:
             self.feeds["unet"].append(feed)
         if "unet_control" in self.feeds:
-            self.feeds["unet_control"].append({**feed, **self._residuals(sample, t, ehs, n)})
+            self.feeds["unet_control"].append({**feed, **self._residuals(sample, t, ehs, n, added)})
 
-    def _residuals(self, sample, t, ehs, n):
+    def _residuals(self, sample, t, ehs, n, added=None):
         import torch
 
         latents = sample[:, : self.info.latent_channels]
@@ -432,14 +448,17 @@ class _UNetRecorder:
             return {name: np.zeros((n, *shape), np.float32) for name, shape in zip(self.res_names, sizes)}
         with torch.no_grad():
             cond = self.cond.expand(n, -1, -1, -1)
-            down, mid = self.cn_model(latents, t, ehs, controlnet_cond=cond, return_dict=False)
+            extra = {"added_cond_kwargs": added} if added is not None else {}  # an SDXL ControlNet's
+            down, mid = self.cn_model(latents, t, ehs, controlnet_cond=cond, return_dict=False, **extra)
         return {name: r.float().numpy().copy() for name, r in zip(self.res_names, [*down, mid])}
 
 
 def _generate(pipe, recorder: _UNetRecorder, i: int, prompt: str, negative: str, image, settings: CalibrationSettings,
-              height: int, width: int, inpaint: bool):
-    """One prompt through the reference pipeline (the hook records the U-Net calls): latents and pixels.
-    ``image`` (the previous prompt's result, or a synthetic one) is the control image and the inpainting input."""
+              height: int, width: int, inpaint: bool, extra: Mapping[str, Any] | None = None, decode: bool = True):
+    """One prompt through the reference pipeline (the hook records the U-Net calls): latents and pixels
+    (None unless ``decode``: a full-size VAE decode costs as much as a few U-Net calls).
+    ``image`` (the previous prompt's result, or a synthetic one) is the control image and the inpainting
+    input; ``extra``: the family's own pipeline arguments (SDXL's)."""
     import torch
 
     if recorder.cn_model is not None:
@@ -449,9 +468,10 @@ def _generate(pipe, recorder: _UNetRecorder, i: int, prompt: str, negative: str,
                                   generator=torch.Generator().manual_seed(settings.seed + i), output_type="latent")
     if inpaint:
         kwargs.update(image=image, mask_image=_random_mask((height, width), settings.seed + i), strength=1.0)
+    kwargs.update(extra or {})
     with torch.no_grad():
         latents = pipe(**kwargs).images
-        pixels = _decode(pipe, latents)
+        pixels = _decode(pipe, latents) if decode else None
     return latents, pixels
 
 

@@ -601,6 +601,7 @@ def calibration_feeds(spec, module, options, settings=None) -> tuple[list[dict],
         "seed": settings.seed,
         "steps": settings.steps,
         "scheduler": data.info.get("scheduler"),
+        "pipeline": data.info.get("pipeline"),  # the diffusers pipeline the inputs were recorded from
         "guidance_scale": settings.guidance_scale,
         "resolution": [height, width],
         "residuals": data.info.get("residuals"),

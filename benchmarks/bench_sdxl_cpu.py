@@ -42,12 +42,16 @@ def prepare(kind: str, work: Path) -> Path:
     return src
 
 
-def export_stats(src: Path, out: Path, target: str) -> dict:
-    """The export's wall time and peak RSS, measured in its own process."""
-    if (out / "sdexport.json").exists():
-        return {"cached": True}
-    cost = export_cost(src, "--target", target, "--out", out, "--overwrite")
-    return {"seconds": cost["seconds"], "peak_rss_gib": cost["peak_rss"] / 2**30}
+def export_stats(src: Path, out: Path, target: str, *extra: str) -> dict:
+    """The export's wall time and peak RSS, measured in its own process (kept beside the cached export)."""
+    record = out.with_name(out.name + ".export.json")
+    if (out / "sdexport.json").exists() and record.exists():
+        return json.loads(record.read_text())
+    print(f"exporting {out.name}", file=sys.stderr)
+    cost = export_cost(src, "--target", target, "--out", out, "--overwrite", *extra)
+    stats = {"seconds": cost["seconds"], "peak_rss_gib": cost["peak_rss"] / 2**30, "flags": list(extra)}
+    record.write_text(json.dumps(stats))
+    return stats
 
 
 def unet_feeds(info, size: int) -> dict[str, np.ndarray]:

@@ -292,7 +292,8 @@ def collect(
         "prompts": hashlib.sha256("\n".join(load_prompts()).encode()).hexdigest(),
     }
     if (family := calibration_sdxl.family(source_path)) is not None:  # SD keys stay as they were
-        key_data.update(family=family, files_2=_files_fingerprint(source_path / p for p in calibration_sdxl.EXTRA_FOLDERS))
+        extra_files = _files_fingerprint(source_path / p for p in calibration_sdxl.EXTRA_FOLDERS)
+        key_data.update(family=family, files_2=extra_files)
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:24]
     cache = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir else None)
     path = cache / f"{key}.npz" if cache else None
@@ -333,7 +334,8 @@ def _record(source_path: Path, components: Sequence[str], height: int, width: in
     prompts = _pick_prompts(settings)
     recorder = _UNetRecorder(info, components, cn_model)
     feeds = recorder.feeds
-    needs_image = recorder.cn_model is not None or info.is_inpainting or (info.is_sdxl and calibration_sdxl.needs_image(info))
+    needs_image = (recorder.cn_model is not None or info.is_inpainting
+                   or (info.is_sdxl and calibration_sdxl.needs_image(info)))  # an SDXL refiner's img2img input
     handle = pipe.unet.register_forward_pre_hook(recorder.hook, with_kwargs=True)
     previous_image = None
     try:

@@ -5,8 +5,8 @@ differs in what it runs and what the U-Net is given:
 
 - the pipeline: diffusers' ``StableDiffusionXLPipeline``; a refiner (time ids ending in an aesthetic
   score) runs ``StableDiffusionXLImg2ImgPipeline`` at strength ``REFINER_STRENGTH`` from an image, since
-  it only ever denoises the low-noise end of a trajectory (over ``steps`` U-Net calls, as the base); a 9-channel U-Net runs
-  ``StableDiffusionXLInpaintPipeline``;
+  it only ever denoises the low-noise end of a trajectory (over ``steps`` U-Net calls, as the base);
+  a 9-channel U-Net runs ``StableDiffusionXLInpaintPipeline``;
 - the U-Net's added conditioning (``added_cond_kwargs``: ``text_embeds``, ``time_ids``) is recorded
   with the names the exported SDXL U-Net gives those inputs (``sdexport.export.sdxl.SdxlUNet``);
 - an empty negative prompt is run as no negative prompt (``None``): zeros under

@@ -70,8 +70,8 @@ def check_reference(source: DiffusersSource, manifest: Manifest) -> None:
     encoders must agree on a prompt), or the parity numbers would be meaningless."""
     ref, ours = model_info(source), manifest.model
     if (ref.is_sdxl, ref.requires_aesthetics_score) != (ours.is_sdxl, ours.requires_aesthetics_score):
-        raise SourceError(f"reference {source.path} is a {ref.family} model but the artifacts in {manifest.root} are "
-                          f"{ours.family}: give the model the export was made from")
+        raise SourceError(f"reference {source.path} is of model family {ref.family}, the artifacts in {manifest.root} "
+                          f"of {ours.family}: give the model the export was made from")
     for field in ("latent_channels", "unet_in_channels", "vae_scale_factor", "text_hidden_size", "prediction_type"):
         if getattr(ref, field) != getattr(ours, field):
             raise SourceError(

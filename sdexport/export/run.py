@@ -180,7 +180,8 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
     for cn in controlnets:
         check_controlnet(cn, source)
 
-    options = dataclasses.replace(options, trace_size=min(info.default_height, options.default_size))
+    options = dataclasses.replace(options, trace_size=min(info.default_height, options.default_size),
+                                  model_size=info.default_height)
     multiple = spatial_multiple(source, info)
     specs = component_specs(source, info, controlnets)
     depth = depth_source(source.path, info.family, options.depth_estimator)

@@ -98,10 +98,11 @@ class EngineSettings:
 
 
 def _size_range(options: ExportOptions, settings: EngineSettings) -> tuple[int, int, int]:
-    """Pixel range of a dynamic export: builder_size, else half to twice the model's native size."""
+    """Pixel range of a dynamic export: builder_size, else half to twice the model's native size
+    (SDXL: 512..1024..2048; the traced size when the export run did not say)."""
     if settings.builder_size is not None:
         return settings.builder_size
-    default = options.dynamic_size
+    default = options.model_size or options.dynamic_size
     return max(64, default // 2), default, 2 * default
 
 

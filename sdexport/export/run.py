@@ -256,7 +256,8 @@ def _write_plan(source, out: Path, options: ExportOptions, target: Target, info:
         planned = target.plan_details(spec, options)
         components[spec.name] = Component(
             name=spec.name, role=spec.role, backend=target.backend,
-            files=tuple(FileRef(f"{spec.name}/{n}", "", 0) for n in names), precision=options.precision,
+            files=tuple(FileRef(f"{spec.name}/{n}", "", 0) for n in names),
+            precision="fp32" if spec.keep_fp32 else options.precision,  # as export_component will convert it
             inputs=spec.inputs, outputs=spec.outputs, details={"planned": True, **planned},
         )
     manifest = Manifest(

@@ -373,7 +373,8 @@ class TensorRTTarget(Target):
         """What a dry run records: the optimization profile and builder settings, no TensorRT needed."""
         settings = EngineSettings.from_options(options)
         return {"profiles": profile_shapes(spec, options, settings),
-                "builder": {"optimization_level": settings.optimization_level, "precision": options.precision,
+                "builder": {"optimization_level": settings.optimization_level,
+                            "precision": "fp32" if spec.keep_fp32 else options.precision,  # SDXL's VAE (force_upcast)
                             "refittable": settings.refittable, "hardware_compatibility": settings.hardware_compatibility}}
 
     def convert(self, spec: ComponentSpec, module, out_dir: Path, options: ExportOptions, precision: str) -> Converted:
@@ -419,7 +420,10 @@ class TensorRTTarget(Target):
             precision = "fp16"  # components the Q/DQ export left in float
         from sdexport.export.targets.onnx import OnnxTarget
 
-        converted = OnnxTarget().convert(spec, module, scratch / "onnx", options, precision)
+        # TensorRT parses plain ONNX: onnxruntime's CUDA fusions (a profile's [onnx] optimize = "gpu",
+        # e.g. nvidia-gpu with --target tensorrt) are contrib ops its parser does not know.
+        plain = dataclasses.replace(options, onnx=dataclasses.replace(options.onnx, optimize="none"))
+        converted = OnnxTarget().convert(spec, module, scratch / "onnx", plain, precision)
         source = {"onnx": f"sdexport onnx {precision}", **{k: v for k, v in converted.details.items() if k == "kept_fp32"}}
         return converted.files[0], converted.inputs, converted.outputs, source, precision
 

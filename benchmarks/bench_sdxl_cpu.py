@@ -1,14 +1,15 @@
-"""SDXL architecture on this CPU: diffusers (PyTorch fp32) vs ONNX Runtime fp32 vs OpenVINO fp32.
+"""SDXL architecture on this CPU: diffusers (PyTorch fp32) vs ONNX Runtime fp32 vs OpenVINO fp32 / int8-static.
 
 Per U-Net call (batch 2 = classifier-free guidance, with text_embeds and time_ids), end-to-end txt2img
-time, image PSNR against diffusers (same seed, torch-compatible RNG), artifact sizes, and the export's
-peak resident memory (each export runs in a child process; its ru_maxrss is read back).
+time, image PSNR against diffusers (same seed, torch-compatible RNG), artifact sizes, and peak resident
+memory of each export and of each engine's run. Every export and every engine runs in its own fresh
+process (its peak is its own, and one engine's 14 GB is freed before the next loads).
 
     python benchmarks/bench_sdxl_cpu.py                 # SDXL base 1.0 architecture, random weights, 512x512
     python benchmarks/bench_sdxl_cpu.py --model tiny    # the tiny SDXL of tests/test_sdxl.py: checks the script
 
-The full-size model is about 7 GB of fp32 weights: building it and exporting it each need well over
-that in memory; run it alone on the machine. Exports are cached under .cache/bench/.
+The full-size model is 14 GB of fp32 weights (U-Net 10.3 GB): run it alone on the machine. Exports
+are cached under .cache/bench/ with their measured cost.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, machine_info, markdown_table, timeit, write_results  # noqa: E402
-from runtime.metrics import psnr  # noqa: E402
-from sdexport.measure.child import export_cost  # noqa: E402
+from sdexport.measure.child import export_cost, run_child  # noqa: E402
 
 PROMPT = "a photo of a red circle in the top left on a blue background"
-TARGETS = {"ONNX Runtime fp32": "onnx", "OpenVINO fp32": "openvino"}
+DIFFUSERS = "diffusers fp32"
+# label -> (target, extra export flags)
+ENGINES = {
+    "ONNX Runtime fp32": ("onnx", ()),
+    "OpenVINO fp32": ("openvino", ()),
+}
+ENGINE_CHILD = "from benchmarks.bench_sdxl_cpu import engine_child\nengine_child(sys.argv[1:], rss)\n"
 
 
 def prepare(kind: str, work: Path) -> Path:
@@ -42,12 +47,16 @@ def prepare(kind: str, work: Path) -> Path:
     return src
 
 
-def export_stats(src: Path, out: Path, target: str) -> dict:
-    """The export's wall time and peak RSS, measured in its own process."""
-    if (out / "sdexport.json").exists():
-        return {"cached": True}
-    cost = export_cost(src, "--target", target, "--out", out, "--overwrite")
-    return {"seconds": cost["seconds"], "peak_rss_gib": cost["peak_rss"] / 2**30}
+def export_stats(src: Path, out: Path, target: str, *extra: str) -> dict:
+    """The export's wall time and peak RSS, measured in its own process (kept beside the cached export)."""
+    record = out.with_name(out.name + ".export.json")
+    if (out / "sdexport.json").exists() and record.exists():
+        return json.loads(record.read_text())
+    print(f"exporting {out.name}", file=sys.stderr)
+    cost = export_cost(src, "--target", target, "--out", out, "--overwrite", *extra)
+    stats = {"seconds": cost["seconds"], "peak_rss_gib": cost["peak_rss"] / 2**30, "flags": list(extra)}
+    record.write_text(json.dumps(stats))
+    return stats
 
 
 def unet_feeds(info, size: int) -> dict[str, np.ndarray]:
@@ -62,16 +71,46 @@ def unet_feeds(info, size: int) -> dict[str, np.ndarray]:
     }
 
 
-def torch_unet_ms(src: Path, feeds: dict, repeats: int) -> float:
-    import torch
-    from diffusers import UNet2DConditionModel
+def run_diffusers(src: Path, feeds: dict, size: int, steps: int, repeats: int, image: Path) -> dict:
+    import time
 
-    unet = UNet2DConditionModel.from_pretrained(str(src), subfolder="unet").eval()
+    import diffusers
+    import torch
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(src))
+    pipe.set_progress_bar_config(disable=True)
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
     added = {"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]}
     with torch.no_grad():
-        return timeit(lambda: unet(t["sample"], t["timestep"], t["encoder_hidden_states"],
-                                        added_cond_kwargs=added), repeats)["median_ms"]
+        unet_ms = timeit(lambda: pipe.unet(t["sample"], t["timestep"], t["encoder_hidden_states"],
+                                           added_cond_kwargs=added), repeats)["median_ms"]
+        start = time.perf_counter()
+        out = pipe(PROMPT, num_inference_steps=steps, height=size, width=size,
+                   generator=torch.Generator().manual_seed(1)).images[0]
+    out.save(image)
+    return {"unet_ms": unet_ms, "end_to_end_s": time.perf_counter() - start}
+
+
+def run_runtime(artifact: Path, feeds: dict, size: int, steps: int, repeats: int, image: Path) -> dict:
+    from runtime import Pipeline
+
+    pipe = Pipeline.from_dir(artifact)
+    session = pipe.session("unet")
+    unet_ms = timeit(lambda: session.run(feeds), repeats)["median_ms"]
+    result = pipe.generate(PROMPT, steps=steps, height=size, width=size, seed=1, rng="torch")
+    result.image.save(image)
+    return {"unet_ms": unet_ms, "end_to_end_s": result.timings["total"]}
+
+
+def engine_child(argv: list[str], rss) -> None:
+    """In a fresh process: one engine's U-Net call and end-to-end time, its image and its peak RSS."""
+    engine, model, info_from, size, steps, repeats, image = argv
+    from runtime.manifest import Manifest
+
+    feeds = unet_feeds(Manifest.load(Path(info_from)).model, int(size))
+    run = run_diffusers if engine == DIFFUSERS else run_runtime
+    stats = run(Path(model), feeds, int(size), int(steps), int(repeats), Path(image))
+    print(json.dumps({**stats, "peak_rss_gib": rss("VmHWM:") / 2**30}))
 
 
 def main() -> None:
@@ -84,50 +123,56 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     size = args.size or (512 if args.model == "full" else 64)
+    # The full U-Net is too large to hold twice (torch + the backend) for export-time validation on this
+    # machine; the end-to-end image PSNR against diffusers below is the parity check.
+    validate = ("--no-validate",) if args.model == "full" else ()
 
-    import torch
+    from PIL import Image
 
-    from runtime import Pipeline
     from runtime.manifest import Manifest
+    from runtime.metrics import psnr
 
     src = prepare(args.model, args.work)
-    exports = {label: args.work / f"sdxl-{args.model}-{target}" for label, target in TARGETS.items()}
-    export_stats = {label: export_stats(src, out, TARGETS[label]) for label, out in exports.items()}
-    info = Manifest.load(exports["ONNX Runtime fp32"]).model
-    feeds = unet_feeds(info, size)
-    unet_ms = {"diffusers fp32": torch_unet_ms(src, feeds, args.repeats)}
-    import diffusers
+    exports = {label: args.work / f"sdxl-{args.model}-{target}{'-' + '-'.join(f.strip('-') for f in extra) if extra else ''}"
+               for label, (target, extra) in ENGINES.items()}
+    exported = {label: export_stats(src, exports[label], target, *extra, *validate)
+                for label, (target, extra) in ENGINES.items()}
+    first = exports[next(iter(ENGINES))]
+    runs, images = {}, {}
+    for label, model in [(DIFFUSERS, src), *exports.items()]:
+        print(f"measuring {label}", file=sys.stderr)
+        images[label] = args.work / f"sdxl-{args.model}-{label.replace(' ', '_')}.png"
+        runs[label] = run_child(ENGINE_CHILD, label, model, first, size, args.steps, args.repeats, images[label])
+    reference = np.asarray(Image.open(images[DIFFUSERS]).convert("RGB"), np.float64)
+    for label in exports:
+        image = np.asarray(Image.open(images[label]).convert("RGB"), np.float64)
+        runs[label]["image_psnr_db"] = psnr(reference, image, peak=255.0)
+        runs[label]["artifact_bytes"] = sum(c.size_bytes for c in Manifest.load(exports[label]).components.values())
+    write(args, size, runs, exported)
 
-    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(str(src))
-    ref.set_progress_bar_config(disable=True)
-    start = time.perf_counter()
-    with torch.no_grad():
-        reference = ref(PROMPT, num_inference_steps=args.steps, height=size, width=size,
-                        generator=torch.Generator().manual_seed(1)).images[0]
-    e2e = {"diffusers fp32": time.perf_counter() - start}
-    del ref
-    image_psnr, sizes = {}, {}
-    for label, artifact in exports.items():
-        pipe = Pipeline.from_dir(artifact)
-        session = pipe.session("unet")
-        unet_ms[label] = timeit(lambda: session.run(feeds), args.repeats)["median_ms"]
-        result = pipe.generate(PROMPT, steps=args.steps, height=size, width=size, seed=1, rng="torch")
-        e2e[label] = result.timings["total"]
-        image_psnr[label] = psnr(np.asarray(reference, np.float64), np.asarray(result.image, np.float64), peak=255.0)
-        sizes[label] = sum(c.size_bytes for c in Manifest.load(artifact).components.values())
-    rows = [[label, unet_ms[label], e2e[label], image_psnr.get(label, "-"),
-             f"{sizes[label] / 1e9:.2f} GB" if label in sizes else "-",
-             f"{export_stats[label].get('peak_rss_gib', 0):.1f} GiB" if label in export_stats else "-"]
-            for label in unet_ms]
+
+def write(args, size: int, runs: dict, exported: dict) -> None:
+    base = runs[DIFFUSERS]
+    rows = []
+    for label, r in runs.items():
+        psnr_db = r.get("image_psnr_db")
+        rows.append([label, r["unet_ms"], f"{base['unet_ms'] / r['unet_ms']:.2f}x", r["end_to_end_s"],
+                     "-" if psnr_db is None else ("identical" if psnr_db == float("inf") else f"{psnr_db:.1f}"),
+                     f"{r['artifact_bytes'] / 1e9:.2f} GB" if "artifact_bytes" in r else "-",
+                     f"{r['peak_rss_gib']:.1f} GiB",
+                     f"{exported[label]['seconds']:.0f} s, {exported[label]['peak_rss_gib']:.1f} GiB" if label in exported else "-"])
     markdown = "\n".join([
         f"# SDXL {args.model} architecture, {size}x{size}, {args.steps} steps (Euler), CPU",
-        "", f"`python benchmarks/bench_sdxl_cpu.py --model {args.model}`", "",
-        markdown_table(["setting", "U-Net call, batch 2 (ms)", "end to end (s)", "image PSNR vs diffusers (dB)",
-                        "artifact", "export peak RSS"], rows),
+        "", f"`python benchmarks/bench_sdxl_cpu.py --model {args.model} --steps {args.steps}`", "",
+        ("Random weights at the SDXL base 1.0 architecture" if args.model == "full" else "The tiny SDXL of the tests")
+        + "; text_embeds and time_ids fed as SDXL does; each engine and each export measured in its own fresh "
+        "process (peak RSS = VmHWM).", "",
+        markdown_table(["engine", "U-Net call, batch 2 (ms)", "vs diffusers", "end to end (s)",
+                        "image PSNR vs diffusers (dB)", "artifact", "run peak RSS", "export: time, peak RSS"], rows),
         "", f"machine: {json.dumps(machine_info())}",
     ])
-    data = {"model": args.model, "size": size, "steps": args.steps, "unet_ms": unet_ms, "end_to_end_s": e2e,
-            "image_psnr_db": image_psnr, "artifact_bytes": sizes, "export": export_stats, "machine": machine_info()}
+    data = {"model": args.model, "size": size, "steps": args.steps, "runs": runs, "exports": exported,
+            "machine": machine_info()}
     write_results(f"sdxl-{args.model}-cpu", data, markdown, args.out)
     print(markdown)
 

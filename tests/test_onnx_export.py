@@ -115,6 +115,28 @@ def test_external_data_past_the_protobuf_limit(tmp_path, tiny_sd1, monkeypatch, 
     assert psnr(a, b, peak=255.0) >= 60
 
 
+def test_graphs_with_external_weights_are_cleaned_file_to_file(tmp_path, tiny_sd1, monkeypatch, fp32_export):
+    """A graph torch writes with external data (past 2 GB: SDXL's 10 GB U-Net) is cleaned and written
+    without loading its weights into memory; same images as the in-memory path."""
+    import sdexport.export.targets.onnx as target
+
+    inline = fp32_export / "unet" / "model.onnx"
+    external = tmp_path / "external" / "model.onnx"
+    external.parent.mkdir()
+    onnx.save_model(onnx.load(str(inline)), str(external), save_as_external_data=True, location="w.bin")
+    assert target.has_external_data(external) and not target.has_external_data(inline)
+
+    monkeypatch.setattr(target, "has_external_data", lambda path: True)  # as torch does for SDXL's U-Net
+    out = _export(tmp_path, tiny_sd1)
+    unet = Manifest.load(out).component("unet")
+    assert [f.path for f in unet.files] == ["unet/model.onnx", "unet/model.onnx_data"]
+    assert unet.details["external_data"].startswith("weights streamed")
+    assert [t.describe() for t in unet.inputs] == [t.describe() for t in Manifest.load(fp32_export).component("unet").inputs]
+    a = _generate(fp32_export, tmp_path / "inline.png")
+    b = _generate(out, tmp_path / "streamed.png")
+    assert psnr(a, b, peak=255.0) >= 60
+
+
 def test_odd_latent_size_runs(fp32_export, tmp_path):
     # 72 px -> a 9x9 latent: the U-Net's upsampler must follow the skip connection's size
     assert main(["generate", str(fp32_export), "--prompt", "x", "--steps", "2", "--height", "72", "--width", "88",

@@ -49,18 +49,46 @@ def export_torch(spec: ComponentSpec, module: torch.nn.Module, example: tuple, p
         )
 
 
-def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant folding, dead nodes and duplicated initializers out: a leaner file, same math."""
-    import onnx_ir as ir
+def _clean_ir(model_ir) -> None:
     import onnx_ir.passes.common as passes
     import onnxscript.optimizer
 
-    model_ir = ir.from_proto(model)
     # onnxscript's optimizer folds what torch's exporter leaves (shape arithmetic on constants).
     onnxscript.optimizer.optimize_ir(model_ir, num_iterations=2)
     passes.DeduplicateInitializersPass()(model_ir)
     passes.RemoveUnusedNodesPass()(model_ir)
+
+
+def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding, dead nodes and duplicated initializers out: a leaner file, same math."""
+    import onnx_ir as ir
+
+    model_ir = ir.from_proto(model)
+    _clean_ir(model_ir)
     return ir.to_proto(model_ir)
+
+
+def has_external_data(path: Path) -> bool:
+    """Whether torch wrote this graph's weights beside it (a graph past protobuf's 2 GB limit)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in graph.initializer)
+
+
+def clean_file(raw: Path, directory: Path) -> list[Path]:
+    """:func:`clean_graph` for a graph whose weights are external data, file to file.
+
+    Loaded with ``onnx_ir``, the weights stay memory-mapped on disk and are streamed into one
+    external data file: the fp32 SDXL U-Net (10 GB of weights) is cleaned and written without a
+    second in-memory copy beside the torch module that is still held for validation.
+    """
+    import onnx_ir as ir
+
+    model_ir = ir.load(raw)
+    _clean_ir(model_ir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.onnx"
+    ir.save(model_ir, path, external_data=EXTERNAL_DATA, size_threshold_bytes=1024)
+    return [path, directory / EXTERNAL_DATA]
 
 
 def to_fp16(model: onnx.ModelProto, block_ops: tuple[str, ...], workdir: Path) -> onnx.ModelProto:
@@ -160,10 +188,11 @@ class OnnxTarget(Target):
                 raise
             except Exception as e:
                 raise ExportError(f"{spec.name}: torch.onnx export failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+            if precision == "fp32" and optimize_mode(options) != "gpu" and has_external_data(raw):
+                return self._convert_large(spec, raw, out_dir)
             model = onnx.load(str(raw))  # also pulls in external data the exporter wrote
             model = clean_graph(model)
-            details: dict = {"opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=OPSET),
-                             "exporter": "torch.onnx (TorchScript)"}
+            details = self._details(model)
             if optimize_mode(options) == "gpu":
                 model, more = optimize_gpu(spec, model, precision, options, Path(scratch))
                 details.update(more)
@@ -181,3 +210,15 @@ class OnnxTarget(Target):
             if "quantization" in details:
                 details["quantization"]["bytes"] = sum(f.stat().st_size for f in files)  # as written
         return Converted(files=files, precision=precision, inputs=inputs, outputs=outputs, details=details)
+
+    @staticmethod
+    def _details(model: onnx.ModelProto) -> dict:
+        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=OPSET)
+        return {"opset": opset, "exporter": "torch.onnx (TorchScript)"}
+
+    def _convert_large(self, spec: ComponentSpec, raw: Path, out_dir: Path) -> Converted:
+        files = clean_file(raw, out_dir)
+        model = onnx.load(str(files[0]), load_external_data=False)
+        inputs, outputs = _io_specs(model, spec)
+        details = {**self._details(model), "external_data": "weights streamed file to file (graph over 2 GB)"}
+        return Converted(files=files, precision="fp32", inputs=inputs, outputs=outputs, details=details)

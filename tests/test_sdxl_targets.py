@@ -154,6 +154,26 @@ def test_coreml_offline_parity_checks_the_sdxl_rewrite(coreml):
         assert rewrite["max_abs_err"] <= 1e-4 and rewrite["psnr_db"] > 100, (c.name, rewrite)
 
 
+@pytest.mark.parametrize("profile_name, n, b", [("apple-silicon-ane", "N", "B"), ("apple-silicon-gpu", 2, 1)])
+def test_coreml_profiles_plan_sdxl_at_1024(tmp_path, profile_name, n, b):
+    """The SDXL base's configs through the CLI's dry run: static at SDXL's 1024, the U-Net's added
+    conditioning planned, the force_upcast VAE fp32 (sequential CFG plans the batch symbolic; Core ML then
+    fixes it at one prompt per call, as the conversion tests above show)."""
+    from sdexport.cli import main
+
+    out = tmp_path / "plan"
+    assert main(["export", str(CONFIGS_DIR / "sdxl-base"), "--profile", profile_name, "--out", str(out),
+                 "--dry-run", "--quiet"]) == 0
+    m = Manifest.load(out, check_files=False)
+    assert (m.profile["shapes"]["height"], m.profile["shapes"]["width"], m.exporter["target"]) == (1024, 1024, "coreml")
+    assert [t.describe() for t in m.component("unet").inputs] == [
+        f"sample: float32[{n}, 4, 128, 128]", f"timestep: float32[{n}]", f"encoder_hidden_states: float32[{n}, 77, 2048]",
+        f"text_embeds: float32[{n}, 1280]", f"time_ids: float32[{n}, 6]"]
+    assert [t.describe() for t in m.component("text_encoder_2").outputs] == [
+        f"penultimate_hidden_state: float32[{b}, 77, 1280]", f"text_embeds: float32[{b}, 1280]"]
+    assert m.component("vae_decoder").precision == "fp32" and m.component("unet").precision == "fp16"
+
+
 def test_split_einsum_keeps_every_hidden_state_of_clip(specs):
     """transformers records output_hidden_states with hooks on the encoder layers the rewrite replaces;
     SDXL reads hidden_states[-2] from both encoders, so every one of them must survive the rewrite."""

@@ -9,13 +9,15 @@ process (its peak is its own, and one engine's 14 GB is freed before the next lo
     python benchmarks/bench_sdxl_cpu.py --model tiny    # the tiny SDXL of tests/test_sdxl.py: checks the script
 
 The full-size model is 14 GB of fp32 weights (U-Net 10.3 GB): run it alone on the machine. Exports
-are cached under .cache/bench/ with their measured cost.
+are cached under .cache/bench/ with their measured cost, and so is each engine's run (``--fresh``
+measures them again), so an engine added later is measured alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,10 +31,13 @@ from sdexport.measure.child import export_cost, run_child  # noqa: E402
 
 PROMPT = "a photo of a red circle in the top left on a blue background"
 DIFFUSERS = "diffusers fp32"
-# label -> (target, extra export flags)
+# label -> (export folder suffix, target, export flags). int8-static calibrates on 4 prompts x 4 steps
+# (16 U-Net calls of diffusers' SDXL pipeline at 512x512, ~10 min on this CPU).
 ENGINES = {
-    "ONNX Runtime fp32": ("onnx", ()),
-    "OpenVINO fp32": ("openvino", ()),
+    "ONNX Runtime fp32": ("onnx", "onnx", ()),
+    "OpenVINO fp32": ("openvino", "openvino", ()),
+    "OpenVINO int8-static": ("openvino-int8-static", "openvino",
+                             ("--precision", "int8-static", "--calibration-prompts", "4", "--calibration-steps", "4")),
 }
 ENGINE_CHILD = "from benchmarks.bench_sdxl_cpu import engine_child\nengine_child(sys.argv[1:], rss)\n"
 
@@ -121,6 +126,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--fresh", action="store_true", help="measure every engine again (runs are cached per engine)")
     args = ap.parse_args()
     size = args.size or (512 if args.model == "full" else 64)
     # The full U-Net is too large to hold twice (torch + the backend) for export-time validation on this
@@ -133,16 +139,22 @@ def main() -> None:
     from runtime.metrics import psnr
 
     src = prepare(args.model, args.work)
-    exports = {label: args.work / f"sdxl-{args.model}-{target}{'-' + '-'.join(f.strip('-') for f in extra) if extra else ''}"
-               for label, (target, extra) in ENGINES.items()}
+    exports = {label: args.work / f"sdxl-{args.model}-{suffix}" for label, (suffix, _, _) in ENGINES.items()}
     exported = {label: export_stats(src, exports[label], target, *extra, *validate)
-                for label, (target, extra) in ENGINES.items()}
+                for label, (_, target, extra) in ENGINES.items()}
     first = exports[next(iter(ENGINES))]
     runs, images = {}, {}
     for label, model in [(DIFFUSERS, src), *exports.items()]:
+        stem = args.work / f"sdxl-{args.model}-{size}-{args.steps}-{label.replace(' ', '_')}"
+        images[label], record = stem.with_suffix(".png"), stem.with_suffix(".run.json")
+        if record.exists() and images[label].exists() and not args.fresh:
+            runs[label] = json.loads(record.read_text())
+            continue
         print(f"measuring {label}", file=sys.stderr)
-        images[label] = args.work / f"sdxl-{args.model}-{label.replace(' ', '_')}.png"
+        load = os.getloadavg()[0]  # other work on the machine shows in the times: recorded with them
         runs[label] = run_child(ENGINE_CHILD, label, model, first, size, args.steps, args.repeats, images[label])
+        runs[label]["load_average_before"] = round(load, 2)
+        record.write_text(json.dumps(runs[label]))
     reference = np.asarray(Image.open(images[DIFFUSERS]).convert("RGB"), np.float64)
     for label in exports:
         image = np.asarray(Image.open(images[label]).convert("RGB"), np.float64)
@@ -159,7 +171,7 @@ def write(args, size: int, runs: dict, exported: dict) -> None:
         rows.append([label, r["unet_ms"], f"{base['unet_ms'] / r['unet_ms']:.2f}x", r["end_to_end_s"],
                      "-" if psnr_db is None else ("identical" if psnr_db == float("inf") else f"{psnr_db:.1f}"),
                      f"{r['artifact_bytes'] / 1e9:.2f} GB" if "artifact_bytes" in r else "-",
-                     f"{r['peak_rss_gib']:.1f} GiB",
+                     f"{r['peak_rss_gib']:.1f} GiB", r.get("load_average_before", "-"),
                      f"{exported[label]['seconds']:.0f} s, {exported[label]['peak_rss_gib']:.1f} GiB" if label in exported else "-"])
     markdown = "\n".join([
         f"# SDXL {args.model} architecture, {size}x{size}, {args.steps} steps (Euler), CPU",
@@ -168,7 +180,8 @@ def write(args, size: int, runs: dict, exported: dict) -> None:
         + "; text_embeds and time_ids fed as SDXL does; each engine and each export measured in its own fresh "
         "process (peak RSS = VmHWM).", "",
         markdown_table(["engine", "U-Net call, batch 2 (ms)", "vs diffusers", "end to end (s)",
-                        "image PSNR vs diffusers (dB)", "artifact", "run peak RSS", "export: time, peak RSS"], rows),
+                        "image PSNR vs diffusers (dB)", "artifact", "run peak RSS", "load before",
+                        "export: time, peak RSS"], rows),
         "", f"machine: {json.dumps(machine_info())}",
     ])
     data = {"model": args.model, "size": size, "steps": args.steps, "runs": runs, "exports": exported,

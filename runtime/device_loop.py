@@ -724,7 +724,8 @@ class DeviceLoop:
     def denoise(self, sched, timesteps: Sequence, latents: np.ndarray, embeddings: np.ndarray, *,
                 guidance_scale: float, rng, cfg: str = "batched", extra: np.ndarray | None = None,
                 constants: Mapping[str, np.ndarray] | None = None, plan: LinearPlan | None = None,
-                callback: Callable[[int, float, np.ndarray], None] | None = None) -> np.ndarray:
+                callback: Callable[[int, float, np.ndarray], None] | None = None,
+                added: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """The numpy loop's result, computed on the device.
 
         ``latents`` [B, C, h, w] are the initial latents (already noised / scaled by
@@ -732,7 +733,9 @@ class DeviceLoop:
         under CFG, as the pipeline concatenates them); ``cfg``: "batched" (one U-Net call on 2B),
         "sequential" (two calls on B) or "off"; ``extra`` [N, E, h, w]: channels appended to the
         U-Net input (the mask and masked-image latents of 9-channel inpainting U-Nets);
-        ``constants``: other U-Net inputs that stay the same every step. ``rng`` draws the noise of
+        ``constants``: other U-Net inputs that stay the same every step; ``added``: U-Net inputs with one
+        row per embedding row (SDXL's ``text_embeds`` and ``time_ids``), bound once per generation like
+        the embeddings and split with them under sequential CFG. ``rng`` draws the noise of
         the stochastic samplers, in the numpy loop's order. Returns the final latents (one download).
         """
         if len(timesteps) == 0:
@@ -750,6 +753,9 @@ class DeviceLoop:
         expected_emb = 2 * batch if cfg != "off" else batch
         if embeddings.shape[0] != expected_emb:
             raise ValueError(f"embeddings have batch {embeddings.shape[0]}, expected {expected_emb} for cfg {cfg}")
+        for name, value in (added or {}).items():
+            if value.shape[0] != expected_emb:
+                raise ValueError(f"{name} has batch {value.shape[0]}, expected {expected_emb} (one row per embedding)")
         extra_channels = 0 if extra is None else int(extra.shape[1])
         sample_dtype, t_dtype = self.input_type("sample"), self.input_type("timestep")
         out_dtype = _ORT_TYPES[self.unet.get_outputs()[0].type]
@@ -757,7 +763,7 @@ class DeviceLoop:
 
         # U-Net buffers: fixed per shape, so a captured CUDA graph can replay them run after run.
         unet = self._unet_io(n, batch, shape, extra_channels, embeddings, cfg, sample_dtype, t_dtype, out_dtype,
-                             constants or {})
+                             constants or {}, added or {})
         # Scheduler state, double-buffered: a graph cannot read and write the same buffer.
         sets = [[self._empty((batch, *shape), F32) for _ in range(slots)] for _ in range(2)]
         self._upload("latents", latents, into=sets[0][0])
@@ -821,11 +827,12 @@ class DeviceLoop:
         return result
 
     def _unet_io(self, n, batch, shape, extra_channels, embeddings, cfg, sample_dtype, t_dtype, out_dtype,
-                 constants) -> dict:
+                 constants, added) -> dict:
         """The U-Net's bound buffers and bindings for this shape (created once, then reused)."""
         c, h, w = shape
         emb_dtype = self.input_type("encoder_hidden_states")
-        key = (n, batch, shape, extra_channels, tuple(embeddings.shape), cfg, tuple(sorted(constants)))
+        key = (n, batch, shape, extra_channels, tuple(embeddings.shape), cfg, tuple(sorted(constants)),
+               tuple((name, value.shape) for name, value in sorted(added.items())))
         io = self._unet_buffers.get(key)
         if io is None:
             io = {"sample": self._empty((n, c + extra_channels, h, w), sample_dtype),
@@ -833,6 +840,8 @@ class DeviceLoop:
             halves = ("uncond", "text") if cfg == "sequential" else (None,)
             emb_rows = batch if cfg == "sequential" else embeddings.shape[0]
             io["embeddings"] = {half: self._empty((emb_rows, *embeddings.shape[1:]), emb_dtype) for half in halves}
+            io["added"] = {half: {name: self._empty((emb_rows, *value.shape[1:]), self.input_type(name))
+                                  for name, value in added.items()} for half in halves}
             out_rows = batch if cfg == "sequential" else n
             out_shape = (out_rows, self._out_channels(c), h, w)
             io["outputs"] = {("unet_out" if half is None else f"unet_out_{half}"): self._empty(out_shape, out_dtype)
@@ -840,7 +849,8 @@ class DeviceLoop:
             io["constants"] = {name: self._empty(value.shape, self.input_type(name)) for name, value in constants.items()}
             shapes = {"sample": (n, c + extra_channels, h, w), "timestep": (n,),
                       "encoder_hidden_states": (emb_rows, *embeddings.shape[1:]),
-                      **{name: value.shape for name, value in constants.items()}}
+                      **{name: value.shape for name, value in constants.items()},
+                      **{name: (emb_rows, *value.shape[1:]) for name, value in added.items()}}
             self._bind_unet(io, *self._session_for(shapes))
             self._unet_buffers[key] = io
         # the text embeddings change per prompt: written into the bound buffers, addresses kept
@@ -851,6 +861,10 @@ class DeviceLoop:
             self._upload("embeddings", embeddings.astype(self.input_type("encoder_hidden_states")), into=io["embeddings"][None])
         for name, value in constants.items():
             self._upload(name, np.asarray(value).astype(self.input_type(name)), into=io["constants"][name])
+        for name, value in added.items():  # split as the embeddings are (unconditional rows first)
+            parts = {"uncond": value[:batch], "text": value[batch:]} if cfg == "sequential" else {None: value}
+            for half, rows in parts.items():
+                self._upload(name, np.asarray(rows).astype(self.input_type(name)), into=io["added"][half][name])
         return io
 
     def _out_channels(self, latent_channels: int) -> int:
@@ -864,7 +878,7 @@ class DeviceLoop:
             b.bind_ortvalue_input("sample", io["sample"])
             b.bind_ortvalue_input("timestep", io["timestep"])
             b.bind_ortvalue_input("encoder_hidden_states", io["embeddings"][half])
-            for name, value in io["constants"].items():
+            for name, value in {**io["constants"], **io["added"][half]}.items():
                 b.bind_ortvalue_input(name, value)
             b.bind_ortvalue_output(self._outputs[0], io["outputs"]["unet_out" if half is None else f"unet_out_{half}"])
             runs.append((b, self._run_options() if graph else None))

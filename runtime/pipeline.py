@@ -266,7 +266,8 @@ class Pipeline:
             return None, "ControlNet runs use the numpy loop"
         if mask is not None and not self.info.is_inpainting:
             return None, "mask blending for ordinary U-Nets uses the numpy loop"
-        if {s.name for s in self.manifest.component("unet").inputs} - {"sample", "timestep", "encoder_hidden_states"}:
+        fed = {"sample", "timestep", "encoder_hidden_states"} | ({"text_embeds", "time_ids"} if self.info.is_sdxl else set())
+        if {s.name for s in self.manifest.component("unet").inputs} - fed:
             return None, "this U-Net takes inputs the device loop does not feed"
         loop, reason = self._open_device_loop()
         if loop is None:
@@ -641,7 +642,8 @@ class Pipeline:
             extra = np.concatenate([state.depth, state.depth]) if run.do_cfg else state.depth
         start = time.perf_counter()
         latents = loop.denoise(sched, timesteps, state.latents, embeddings, guidance_scale=run.guidance_scale,
-                               rng=rng, cfg=self.cfg if run.do_cfg else "off", extra=extra, callback=callback)
+                               rng=rng, cfg=self.cfg if run.do_cfg else "off", extra=extra, callback=callback,
+                               added=run.added_cond)
         self.timings["unet"] = self.timings.get("unet", 0.0) + time.perf_counter() - start
         self.calls["unet"] = len(timesteps) * (2 if run.do_cfg and self.cfg == "sequential" else 1)
         return latents

@@ -280,8 +280,21 @@ class SplitEinsumCLIPEncoder(nn.Module):
         x = to_bc1s(inputs_embeds)  # (B, D, 1, 77)
         mask = causal_mask(inputs_embeds.shape[1], inputs_embeds.dtype, inputs_embeds.device)
         for layer in self.encoder.layers:
+            before = x
             x = clip_layer_bc1s(layer, x, mask)
+            _fire_forward_hooks(layer, before, x)
         return BaseModelOutput(last_hidden_state=from_bc1s(x))
+
+
+def _fire_forward_hooks(layer: nn.Module, before: torch.Tensor, after: torch.Tensor) -> None:
+    """Call ``layer``'s forward hooks as if it had run, on (B, S, C) tensors: transformers records
+    ``output_hidden_states`` (SDXL's penultimate states) by forward hooks on each ``CLIPEncoderLayer``,
+    which the rewrite never calls. No hooks, no extra ops in the graph."""
+    hooks = list(layer._forward_hooks.values())
+    if hooks:
+        args, out = (from_bc1s(before),), from_bc1s(after)
+        for hook in hooks:
+            hook(layer, args, out)
 
 
 # --- the swap ----------------------------------------------------------------------------------------

@@ -180,7 +180,8 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
     for cn in controlnets:
         check_controlnet(cn, source)
 
-    options = dataclasses.replace(options, trace_size=min(info.default_height, options.default_size))
+    options = dataclasses.replace(options, trace_size=min(info.default_height, options.default_size),
+                                  model_size=info.default_height)
     multiple = spatial_multiple(source, info)
     specs = component_specs(source, info, controlnets)
     depth = depth_source(source.path, info.family, options.depth_estimator)
@@ -255,7 +256,8 @@ def _write_plan(source, out: Path, options: ExportOptions, target: Target, info:
         planned = target.plan_details(spec, options)
         components[spec.name] = Component(
             name=spec.name, role=spec.role, backend=target.backend,
-            files=tuple(FileRef(f"{spec.name}/{n}", "", 0) for n in names), precision=options.precision,
+            files=tuple(FileRef(f"{spec.name}/{n}", "", 0) for n in names),
+            precision="fp32" if spec.keep_fp32 else options.precision,  # as export_component will convert it
             inputs=spec.inputs, outputs=spec.outputs, details={"planned": True, **planned},
         )
     manifest = Manifest(

@@ -28,6 +28,7 @@ from runtime.metrics import finite, max_abs_error, psnr, ssim
 from runtime.pipeline import Pipeline
 from sdexport.export.components import model_info
 from sdexport.errors import SourceError
+from sdexport.measure import sdxl_reference
 from sdexport.measure.cold_start import cold_start
 from sdexport.measure.machine import machine_info
 from sdexport.measure.reference_schedulers import use_scheduler
@@ -68,6 +69,9 @@ def check_reference(source: DiffusersSource, manifest: Manifest) -> None:
     """The reference must be the exported model: same architecture, and the same weights (the text
     encoders must agree on a prompt), or the parity numbers would be meaningless."""
     ref, ours = model_info(source), manifest.model
+    if (ref.is_sdxl, ref.requires_aesthetics_score) != (ours.is_sdxl, ours.requires_aesthetics_score):
+        raise SourceError(f"reference {source.path} is of model family {ref.family}, the artifacts in {manifest.root} "
+                          f"of {ours.family}: give the model the export was made from")
     for field in ("latent_channels", "unet_in_channels", "vae_scale_factor", "text_hidden_size", "prediction_type"):
         if getattr(ref, field) != getattr(ours, field):
             raise SourceError(
@@ -76,15 +80,24 @@ def check_reference(source: DiffusersSource, manifest: Manifest) -> None:
             )
 
 
+def reference_class(info) -> str:
+    """The diffusers pipeline class an export is measured against (an SDXL one for SDXL exports)."""
+    if info.is_sdxl:
+        return sdxl_reference.pipeline_class(info)
+    if info.family in ("depth", "upscaler"):
+        return {"depth": "StableDiffusionDepth2ImgPipeline", "upscaler": "StableDiffusionUpscalePipeline"}[info.family]
+    return "StableDiffusionInpaintPipeline" if info.is_inpainting else "StableDiffusionPipeline"
+
+
 def _reference_pipeline(source: DiffusersSource, scheduler: str):
     import diffusers
 
-    cls = diffusers.StableDiffusionInpaintPipeline if model_info(source).is_inpainting else diffusers.StableDiffusionPipeline
-    if model_info(source).family == "depth":
-        cls = diffusers.StableDiffusionDepth2ImgPipeline
-    if model_info(source).family == "upscaler":
-        cls = diffusers.StableDiffusionUpscalePipeline
-    pipe = cls.from_pretrained(str(source.path), safety_checker=None, requires_safety_checker=False)
+    info = model_info(source)
+    if info.is_sdxl:  # diffusers' SDXL pipelines (base, refiner, inpainting)
+        pipe = sdxl_reference.load_pipeline(source, info)
+    else:
+        cls = getattr(diffusers, reference_class(info))
+        pipe = cls.from_pretrained(str(source.path), safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     use_scheduler(pipe, scheduler)
     return pipe
@@ -129,10 +142,10 @@ def _run_bench(artifact: str | Path, reference: Path, config: BenchConfig, progr
     ref = _reference_pipeline(source, config.scheduler)
     # The weights must agree too: the text encoders on one prompt.
     ids = pipe.tokenizer([config.prompts[0]])
-    ours_text = pipe.session("text_encoder").run({"input_ids": ids})["last_hidden_state"]
-    with torch.no_grad():
-        ref_text = ref.text_encoder(torch.from_numpy(ids))[0].numpy()
-    text_psnr = psnr(ref_text, ours_text)
+    if info.is_sdxl:
+        text_psnr = sdxl_reference.text_psnr(pipe, ref, config.prompts[0])
+    else:
+        text_psnr = _text_encoder_psnr(pipe, ref, ids)
     if text_psnr < 20:
         raise SourceError(f"reference {source.path} does not match the artifacts in {manifest.root}: "
                           f"their text encoders disagree (PSNR {text_psnr:.1f} dB)")
@@ -142,8 +155,18 @@ def _run_bench(artifact: str | Path, reference: Path, config: BenchConfig, progr
         return _measure(pipe, ref, manifest, info, ids, text_psnr, config, height, width, artifact, reference, bar)
 
 
+def _text_encoder_psnr(pipe, ref, ids: np.ndarray) -> float:
+    ours_text = pipe.session("text_encoder").run({"input_ids": ids})["last_hidden_state"]
+    with torch.no_grad():
+        ref_text = ref.text_encoder(torch.from_numpy(ids))[0].numpy()
+    return psnr(ref_text, ours_text)
+
+
 def _measure(pipe, ref, manifest, info, ids, text_psnr, config, height, width, artifact, reference, bar) -> dict:
-    feeds = {**_component_feeds(info, ids, height, width), **depth_feeds(manifest)}
+    if info.is_sdxl:
+        feeds = sdxl_reference.component_feeds(pipe, info, config.prompts[0], height, width)
+    else:
+        feeds = {**_component_feeds(info, ids, height, width), **depth_feeds(manifest)}
     components = _component_latency(pipe, ref, manifest, feeds, config, bar)
     runs = _end_to_end(pipe, ref, info, config, height, width, bar)
     parity = _precision_parity(manifest, reference, config, height, width, [r.pop("_images") for r in runs])
@@ -154,6 +177,7 @@ def _measure(pipe, ref, manifest, info, ids, text_psnr, config, height, width, a
         "schema": "sdexport-bench/1",
         "artifact": str(artifact),
         "reference": str(reference),
+        "reference_pipeline": type(ref).__name__,  # the diffusers class the parity is measured against
         "machine": machine_info(),
         "config": {**dataclasses.asdict(config), "height": height, "width": width},
         "artifact_bytes": sum(c.size_bytes for c in manifest.components.values()),
@@ -184,10 +208,11 @@ def _precision_parity(manifest, reference, config: BenchConfig, height: int, wid
         return None
     if manifest.model.family == "upscaler":
         return {"reduced": reduced, "skipped": "the protocol's diffusers fp16 reference covers text-to-image only"}
-    if manifest.model.is_inpainting or manifest.model.family == "depth":
+    if manifest.model.is_inpainting or manifest.model.family == "depth" or manifest.model.requires_aesthetics_score:
         return {"reduced": reduced, "skipped": "the protocol's diffusers fp16 reference covers text-to-image only"}
     ref_fp16 = diffusers_images(reference, "fp16", config.prompts, config.seeds, steps=config.steps,
-                                guidance_scale=config.guidance_scale, height=height, width=width, scheduler=config.scheduler)
+                                guidance_scale=config.guidance_scale, height=height, width=width, scheduler=config.scheduler,
+                                sdxl=manifest.model.is_sdxl)
     return {"reduced": reduced, **protocol([o for _, o in images], [r for r, _ in images], ref_fp16)}
 
 
@@ -233,6 +258,8 @@ def _component_latency(pipe, ref, manifest, feeds: dict, config: BenchConfig, ba
         from sdexport.measure.bench_upscale import unet_torch_call
 
         torch_calls["unet"] = unet_torch_call(ref)
+    if manifest.model.is_sdxl:  # two text encoders, and the U-Net's text_embeds and time_ids
+        torch_calls.update(sdxl_reference.torch_calls(ref))
     if getattr(ref, "depth_estimator", None) is not None:  # depth-to-image references have one
         torch_calls["depth_estimator"] = lambda x: ref.depth_estimator(torch.from_numpy(x["pixel_values"]))
     components = {}
@@ -259,7 +286,7 @@ def _end_to_end(pipe, ref, info, config: BenchConfig, height: int, width: int, b
     if info.is_inpainting:
         image, mask = _inpaint_inputs(height, width)
         extra = {"image": image, "mask": mask}
-    elif info.family == "depth":  # depth-to-image: the image's depth by the exported estimator, every run
+    elif info.family == "depth" or info.requires_aesthetics_score:  # depth-to-image, the SDXL refiner: an image
         extra = {"image": _inpaint_inputs(height, width)[0]}
     runs = []
     for prompt in config.prompts:
@@ -292,8 +319,8 @@ def _one_run(pipe, ref, prompt: str, seed: int, config: BenchConfig, height: int
     start = time.perf_counter()
     with torch.no_grad():
         ref_image = ref(prompt, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                        height=height, width=width, generator=torch.Generator().manual_seed(seed),
-                        callback_on_step_end=on_step_ref, **ref_extra).images[0]
+                        generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_ref,
+                        **sdxl_reference.call_size(ref, height, width), **ref_extra).images[0]
     ref_total = time.perf_counter() - start
     a, b = np.asarray(ref_image, np.float64), np.asarray(result.image, np.float64)
     return {
@@ -318,7 +345,7 @@ def _median_step_ms(times: list[float]) -> float | None:
 
 def _cold_starts(info, config: BenchConfig, height: int, width: int, artifact, reference, bar) -> dict:
     """Cold start and peak memory, each engine in its own process (text-to-image models only)."""
-    if not config.cold_start or info.is_inpainting or info.family in ("depth", "upscaler"):
+    if not config.cold_start or info.is_inpainting or info.family in ("depth", "upscaler") or info.requires_aesthetics_score:
         return {}
     args = dict(steps=config.steps, height=height, width=width, scheduler=config.scheduler)
     cold = {"runtime": cold_start("runtime", artifact, config.prompts[0], **args)}
@@ -340,7 +367,8 @@ def write_report(result: dict, out_dir: Path) -> list[Path]:
 def markdown(r: dict) -> str:
     m, c = r["machine"], r["config"]
     lines = [
-        f"# sdexport bench: {Path(r['artifact']).name} vs diffusers ({Path(r['reference']).name})",
+        f"# sdexport bench: {Path(r['artifact']).name} vs diffusers {r.get('reference_pipeline', '')} "
+        f"({Path(r['reference']).name})",
         "",
         f"{m['cpu']} ({m['cores']} cores){', ' + m['gpu'] if m.get('gpu') else ''}; "
         f"{c['width']}x{c['height']}, {c['steps']} steps {c['scheduler']}, guidance {c['guidance_scale']}; "

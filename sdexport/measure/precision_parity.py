@@ -29,15 +29,21 @@ MARGIN_DB = 1.0
 
 def diffusers_images(source: str | Path, dtype: str, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
                      guidance_scale: float, height: int, width: int, device: str = "cpu",
-                     negative_prompt: str | None = None, scheduler: str | None = None) -> list[np.ndarray]:
+                     negative_prompt: str | None = None, scheduler: str | None = None,
+                     sdxl: bool = False) -> list[np.ndarray]:
     """diffusers' images (uint8 HxWx3) for every prompt x seed, at ``dtype`` ("fp32" / "fp16") on
-    ``device``; the seed drives a CPU torch.Generator, as the runtime's "torch" RNG reproduces."""
+    ``device``; the seed drives a CPU torch.Generator, as the runtime's "torch" RNG reproduces.
+    ``sdxl``: the source is an SDXL base, run by StableDiffusionXLPipeline (no watermark)."""
     import diffusers
     import torch
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        str(source), dtype=torch_dtype, safety_checker=None, requires_safety_checker=False).to(device)
+    if sdxl:
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(source), dtype=torch_dtype,
+                                                                   add_watermarker=False).to(device)
+    else:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            str(source), dtype=torch_dtype, safety_checker=None, requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
     if scheduler is not None:
         from sdexport.measure.reference_schedulers import use_scheduler

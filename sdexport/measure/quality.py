@@ -214,10 +214,12 @@ def _recipe_summary(component) -> dict:
 def _reference_image(ref, prompt: str, seed: int, config: QualityConfig, height: int, width: int, extra: dict):
     import torch
 
-    ref_extra = {"image": extra["image"], "mask_image": extra["mask"]} if extra else {}
+    from sdexport.measure.sdxl_reference import call_size
+
+    ref_extra = {"image": extra["image"], **({"mask_image": extra["mask"]} if "mask" in extra else {})} if extra else {}
     with torch.no_grad():
-        return ref(prompt, num_inference_steps=config.steps, guidance_scale=config.guidance_scale, height=height,
-                   width=width, generator=torch.Generator().manual_seed(seed), **ref_extra).images[0]
+        return ref(prompt, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
+                   generator=torch.Generator().manual_seed(seed), **call_size(ref, height, width), **ref_extra).images[0]
 
 
 def end_to_end(pipe, source, config: QualityConfig, height: int, width: int, cache: dict, bar) -> list[dict]:
@@ -227,6 +229,8 @@ def end_to_end(pipe, source, config: QualityConfig, height: int, width: int, cac
     if pipe.info.is_inpainting:
         image, mask = _inpaint_inputs(height, width)
         extra = {"image": image, "mask": mask}
+    elif pipe.info.requires_aesthetics_score:  # an SDXL refiner refines an image
+        extra = {"image": _inpaint_inputs(height, width)[0]}
     ref = None
     runs = []
     for prompt in config.prompts:
@@ -281,6 +285,11 @@ def _specs(source, info, controlnets: dict) -> dict:
     """Every component spec the reference can build, by name (specs load their modules lazily)."""
     from sdexport.export.components import controlnet_spec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 
+    if info.is_sdxl:
+        from sdexport.measure.sdxl_reference import specs
+
+        return specs(source, info, controlnets)
+
     specs = [text_encoder_spec(source, info), unet_spec(source, info), unet_spec(source, info, control=True),
              vae_encoder_spec(source, info), vae_decoder_spec(source, info)]
     specs += [controlnet_spec(cn, info) for cn in controlnets.values()]
@@ -304,7 +313,7 @@ def run_quality(artifact: str | Path, reference: str | Path, config: QualityConf
     from tqdm import tqdm
 
     from runtime.pipeline import Pipeline
-    from sdexport.measure.bench import both_sides_threads, check_reference
+    from sdexport.measure.bench import both_sides_threads, check_reference, reference_class
     from sdexport.quantize.calibration import CalibrationSettings, collect
     from sdexport.export.components import Shape, model_info
     from sdexport.measure.machine import machine_info
@@ -326,7 +335,7 @@ def run_quality(artifact: str | Path, reference: str | Path, config: QualityConf
     shape = Shape(1, height, width)
     specs = _specs(source, info, _controlnet_sources(config))
 
-    recordable = [n for n in names if n in RECORDED]
+    recordable = [n for n in names if n in RECORDED and not info.is_sdxl]  # calibration records SD 1.x/2.x runs
     data = None
     total = len(names) + (len(config.prompts) * len(config.seeds) if config.end_to_end else 0) + (1 if recordable else 0)
     with tqdm(total=total, desc="quality", disable=not progress, file=sys.stderr) as bar:
@@ -347,6 +356,10 @@ def run_quality(artifact: str | Path, reference: str | Path, config: QualityConf
                                     "skipped": "no torch reference (give --controlnet NAME=PATH)"}
             else:
                 components[name] = measure_component(name, pipe, spec, data, config, shape, cache)
+                if info.is_sdxl:
+                    from sdexport.measure.sdxl_reference import EXAMPLE_INPUTS
+
+                    components[name]["inputs"] = EXAMPLE_INPUTS
             bar.update()
         runs = end_to_end(pipe, source, config, height, width, cache, bar) if config.end_to_end else []
 
@@ -357,6 +370,7 @@ def run_quality(artifact: str | Path, reference: str | Path, config: QualityConf
         "schema": SCHEMA,
         "artifact": str(artifact),
         "reference": str(reference),
+        "reference_pipeline": reference_class(info),  # the diffusers class of the end-to-end images
         "target": manifest.exporter.get("target"),
         "machine": machine_info(),
         "config": {**{k: v for k, v in dataclasses.asdict(config).items() if k != "backend_options"},
@@ -398,7 +412,8 @@ def _db(value) -> str:
 def markdown(r: dict) -> str:
     c, m = r["config"], r["machine"]
     lines = [
-        f"# sdexport quality: {Path(r['artifact']).name} ({r['target']}) vs {Path(r['reference']).name} (torch fp32)",
+        f"# sdexport quality: {Path(r['artifact']).name} ({r['target']}) vs {Path(r['reference']).name} "
+        f"(torch fp32, diffusers {r.get('reference_pipeline', '')})",
         "",
         f"{m['cpu']} ({m['cores']} cores); {c['width']}x{c['height']}, {c['steps']} steps {c['scheduler']}, "
         f"guidance {c['guidance_scale']}; artifacts {r['artifact_bytes'] / 1e6:.1f} MB",

@@ -52,6 +52,7 @@ class ExportOptions:
     overwrite: bool = False
     default_size: int = 512  # pixels traced for dynamic exports, capped by the model's own size
     trace_size: int | None = None  # dynamic exports: the size traced (the export run sets it from the model)
+    model_size: int | None = None  # the model's own size (the export run sets it): TensorRT's dynamic profile's opt
     dry_run: bool = False  # resolve and validate everything, write a plan manifest, convert nothing
     profile_name: str = "custom"
     description: str = ""

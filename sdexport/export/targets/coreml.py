@@ -135,8 +135,12 @@ class CoreMLSettings:
             mode = next((self.compress[k] for k in (spec.name, spec.role, "default") if k in self.compress), None)
         return None if mode in (None, "none") else mode
 
-    def units_for(self, precision: str) -> str:
+    def units_for(self, precision: str, kept_fp32: bool = False) -> str:
+        """``kept_fp32``: the model keeps this component fp32 whatever was asked (SDXL's VAE, force_upcast);
+        the Neural Engine cannot run it, so it gets the GPU instead of refusing the export."""
         if self.compute_units is not None:
+            if self.compute_units == "cpu-and-ne" and precision == "fp32" and kept_fp32:
+                return "cpu-and-gpu"
             if self.compute_units == "cpu-and-ne" and precision == "fp32":
                 raise OptionError("--compute-units cpu-and-ne needs --precision fp16: the Neural Engine runs fp16 only")
             return self.compute_units
@@ -287,7 +291,7 @@ class CoreMLTarget(Target):
                 f"{spec.name}: --compress {mode} needs minimum deployment target macOS13 / iOS16 or newer "
                 f"(compressed weights), not {settings.minimum_deployment_target}"
             )
-        units = settings.units_for(precision)
+        units = settings.units_for(precision, kept_fp32=spec.keep_fp32 is not None)
         if mode and max((p.numel() for p in module.parameters()), default=0) < settings.weight_threshold:
             raise ExportError(_nothing_to_compress(spec, mode, settings))  # before the slow part
 

@@ -98,10 +98,11 @@ class EngineSettings:
 
 
 def _size_range(options: ExportOptions, settings: EngineSettings) -> tuple[int, int, int]:
-    """Pixel range of a dynamic export: builder_size, else half to twice the model's native size."""
+    """Pixel range of a dynamic export: builder_size, else half to twice the model's native size
+    (SDXL: 512..1024..2048; the traced size when the export run did not say)."""
     if settings.builder_size is not None:
         return settings.builder_size
-    default = options.dynamic_size
+    default = options.model_size or options.dynamic_size
     return max(64, default // 2), default, 2 * default
 
 
@@ -372,7 +373,8 @@ class TensorRTTarget(Target):
         """What a dry run records: the optimization profile and builder settings, no TensorRT needed."""
         settings = EngineSettings.from_options(options)
         return {"profiles": profile_shapes(spec, options, settings),
-                "builder": {"optimization_level": settings.optimization_level, "precision": options.precision,
+                "builder": {"optimization_level": settings.optimization_level,
+                            "precision": "fp32" if spec.keep_fp32 else options.precision,  # SDXL's VAE (force_upcast)
                             "refittable": settings.refittable, "hardware_compatibility": settings.hardware_compatibility}}
 
     def convert(self, spec: ComponentSpec, module, out_dir: Path, options: ExportOptions, precision: str) -> Converted:
@@ -418,7 +420,10 @@ class TensorRTTarget(Target):
             precision = "fp16"  # components the Q/DQ export left in float
         from sdexport.export.targets.onnx import OnnxTarget
 
-        converted = OnnxTarget().convert(spec, module, scratch / "onnx", options, precision)
+        # TensorRT parses plain ONNX: onnxruntime's CUDA fusions (a profile's [onnx] optimize = "gpu",
+        # e.g. nvidia-gpu with --target tensorrt) are contrib ops its parser does not know.
+        plain = dataclasses.replace(options, onnx=dataclasses.replace(options.onnx, optimize="none"))
+        converted = OnnxTarget().convert(spec, module, scratch / "onnx", plain, precision)
         source = {"onnx": f"sdexport onnx {precision}", **{k: v for k, v in converted.details.items() if k == "kept_fp32"}}
         return converted.files[0], converted.inputs, converted.outputs, source, precision
 

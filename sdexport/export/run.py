@@ -169,10 +169,6 @@ def export(source_path: str | Path, out: str | Path, options: ExportOptions, pro
         raise OptionError(f"target {target.name} supports --precision {', '.join(target.precisions)}, not {options.precision!r}")
     info = model_info(source)
     check_options(options, info)
-    if info.is_sdxl:
-        from sdexport.export.sdxl import check_sdxl_options
-
-        check_sdxl_options(options)
     controlnets = [ControlNetSource.parse(s) for s in options.controlnets]
     names = [cn.name for cn in controlnets]
     if len(set(names)) != len(names):

@@ -186,11 +186,6 @@ def controlnet_spec(cn_source, info: ModelInfo) -> ComponentSpec:
     )
 
 
-def check_sdxl_options(options) -> None:
-    """What SDXL exports do not support yet, refused before any work. Nothing at present: the calibrated
-    precisions (int8-static, mixed, hybrid) record SDXL pipeline runs (sdexport.quantize.calibration_sdxl)."""
-
-
 FORCE_UPCAST = "the VAE's config says force_upcast (it overflows in fp16): kept in fp32"
 
 

@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine_info, markdown_table, timeit, write_results  # noqa: E402
+from benchmarks.common import RESULTS, bar_chart, machine_info, markdown_table, timeit, write_results  # noqa: E402
 from sdexport.measure.child import export_cost, run_child  # noqa: E402
 
 PROMPT = "a photo of a red circle in the top left on a blue background"
@@ -161,6 +161,25 @@ def main() -> None:
         runs[label]["image_psnr_db"] = psnr(reference, image, peak=255.0)
         runs[label]["artifact_bytes"] = sum(c.size_bytes for c in Manifest.load(exports[label]).components.values())
     write(args, size, runs, exported)
+    pictures(args, size, runs, images)
+
+
+def pictures(args, size: int, runs: dict, images: dict[str, Path]) -> None:
+    """The U-Net latencies as a bar chart, and the engines' images side by side with their PSNR."""
+    from PIL import Image, ImageDraw
+
+    name = f"sdxl-{args.model}-cpu"
+    bar_chart(args.out / f"{name}.png", f"SDXL {args.model} U-Net call, batch 2, {size}x{size}, CPU",
+              list(runs), [r["unet_ms"] for r in runs.values()])
+    tile, header = 256, 18
+    canvas = Image.new("RGB", (tile * len(images), tile + header), "white")
+    draw = ImageDraw.Draw(canvas)
+    for col, (label, path) in enumerate(images.items()):
+        canvas.paste(Image.open(path).convert("RGB").resize((tile, tile)), (col * tile, header))
+        db = runs[label].get("image_psnr_db")
+        caption = label if db is None else f"{label}: {'identical' if db == float('inf') else f'{db:.1f} dB'}"
+        draw.text((col * tile + 3, 3), caption, fill="black")
+    canvas.save(args.out / f"{name}-images.png")
 
 
 def write(args, size: int, runs: dict, exported: dict) -> None:
@@ -178,7 +197,10 @@ def write(args, size: int, runs: dict, exported: dict) -> None:
         "", f"`python benchmarks/bench_sdxl_cpu.py --model {args.model} --steps {args.steps}`", "",
         ("Random weights at the SDXL base 1.0 architecture" if args.model == "full" else "The tiny SDXL of the tests")
         + "; text_embeds and time_ids fed as SDXL does; each engine and each export measured in its own fresh "
-        "process (peak RSS = VmHWM).", "",
+        "process, one after the other, with nothing else running. Peak RSS is VmHWM, which counts the weight "
+        "files the engines and torch memory-map; \"load before\" is the 1-minute load average as the engine "
+        "started (about 2 after the previous engine's own 2-thread run, decaying). Images: "
+        f"`sdxl-{args.model}-cpu-images.png`; U-Net latencies: `sdxl-{args.model}-cpu.png`.", "",
         markdown_table(["engine", "U-Net call, batch 2 (ms)", "vs diffusers", "end to end (s)",
                         "image PSNR vs diffusers (dB)", "artifact", "run peak RSS", "load before",
                         "export: time, peak RSS"], rows),

@@ -335,7 +335,7 @@ def run_quality(artifact: str | Path, reference: str | Path, config: QualityConf
     shape = Shape(1, height, width)
     specs = _specs(source, info, _controlnet_sources(config))
 
-    recordable = [n for n in names if n in RECORDED and not info.is_sdxl]  # calibration records SD 1.x/2.x runs
+    recordable = [n for n in names if n in RECORDED]
     data = None
     total = len(names) + (len(config.prompts) * len(config.seeds) if config.end_to_end else 0) + (1 if recordable else 0)
     with tqdm(total=total, desc="quality", disable=not progress, file=sys.stderr) as bar:
@@ -356,10 +356,6 @@ def run_quality(artifact: str | Path, reference: str | Path, config: QualityConf
                                     "skipped": "no torch reference (give --controlnet NAME=PATH)"}
             else:
                 components[name] = measure_component(name, pipe, spec, data, config, shape, cache)
-                if info.is_sdxl:
-                    from sdexport.measure.sdxl_reference import EXAMPLE_INPUTS
-
-                    components[name]["inputs"] = EXAMPLE_INPUTS
             bar.update()
         runs = end_to_end(pipe, source, config, height, width, cache, bar) if config.end_to_end else []
 

@@ -16,8 +16,6 @@ from runtime.manifest import ModelInfo
 from runtime.metrics import psnr
 
 BASE, REFINER, INPAINT = "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"
-#: Why quality compares SDXL components on example inputs (sdexport.quantize.calibration records SD runs).
-EXAMPLE_INPUTS = "random example inputs (calibration records SD 1.x/2.x pipeline runs, not SDXL)"
 
 
 def pipeline_class(info: ModelInfo) -> str:

@@ -160,7 +160,7 @@ def main() -> None:
         image = np.asarray(Image.open(images[label]).convert("RGB"), np.float64)
         runs[label]["image_psnr_db"] = psnr(reference, image, peak=255.0)
         runs[label]["artifact_bytes"] = sum(c.size_bytes for c in Manifest.load(exports[label]).components.values())
-    write(args, size, runs, exported)
+    write(args, size, runs, exported, memory_facts(first))
     pictures(args, size, runs, images)
 
 
@@ -182,7 +182,15 @@ def pictures(args, size: int, runs: dict, images: dict[str, Path]) -> None:
     canvas.save(args.out / f"{name}-images.png")
 
 
-def write(args, size: int, runs: dict, exported: dict) -> None:
+def memory_facts(onnx_export: Path) -> dict:
+    """The machine's memory and the ONNX U-Net's external data file: what "fits" is measured against."""
+    total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                 if line.startswith("MemTotal:"))
+    data = onnx_export / "unet" / "model.onnx_data"
+    return {"machine_memory_gib": total / 2**30, "unet_external_data_gb": data.stat().st_size / 1e9 if data.exists() else None}
+
+
+def write(args, size: int, runs: dict, exported: dict, memory: dict) -> None:
     base = runs[DIFFUSERS]
     rows = []
     for label, r in runs.items():
@@ -204,10 +212,12 @@ def write(args, size: int, runs: dict, exported: dict) -> None:
         markdown_table(["engine", "U-Net call, batch 2 (ms)", "vs diffusers", "end to end (s)",
                         "image PSNR vs diffusers (dB)", "artifact", "run peak RSS", "load before",
                         "export: time, peak RSS"], rows),
+        "", f"Machine memory {memory['machine_memory_gib']:.1f} GiB; the ONNX U-Net's external data file "
+        f"(model.onnx_data) {memory['unet_external_data_gb'] or 0:.2f} GB.",
         "", f"machine: {json.dumps(machine_info())}",
     ])
     data = {"model": args.model, "size": size, "steps": args.steps, "runs": runs, "exports": exported,
-            "machine": machine_info()}
+            "memory": memory, "machine": machine_info()}
     write_results(f"sdxl-{args.model}-cpu", data, markdown, args.out)
     print(markdown)
 

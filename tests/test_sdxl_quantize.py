@@ -204,6 +204,8 @@ def test_calibration_records_each_sdxl_pipeline(model, tmp_path_factory, kind):
     channels = 9 if kind == "inpaint" else 4
     for feed in feeds:
         assert feed["sample"].shape == (2, channels, latent, latent) and feed["text_embeds"].shape == (2, 32)
+    # each pipeline's own default guidance, as users run it (SD's calibration default of 7.5 is not SDXL's)
+    assert data.info["settings"]["guidance_scale"] == (7.5 if kind == "inpaint" else 5.0)
     if kind == "refiner":
         assert data.info["pipeline"] == "StableDiffusionXLImg2ImgPipeline"
         np.testing.assert_array_equal(feeds[0]["time_ids"], [[SIZE, SIZE, 0, 0, 2.5], [SIZE, SIZE, 0, 0, 6.0]])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -62,7 +63,7 @@ class CalibrationSettings:
     per_prompt: int = 4  # U-Net feeds recorded per prompt, spread over its trajectory
     steps: int = 20
     scheduler: str | None = None  # a runtime short name (dpmpp-2m, ...); None: the model's own scheduler
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the pipeline's own default, as users run it (SD 7.5, SDXL 5.0)
     seed: int = 0
     max_bytes: int = 1 << 30  # bound on the recorded arrays; U-Net feeds are thinned to fit
 
@@ -331,6 +332,8 @@ def _load_pipeline(source_path: Path, inpaint: bool, scheduler: str | None, unet
 def _record(source_path: Path, components: Sequence[str], height: int, width: int, settings: CalibrationSettings,
             unet, controlnet, progress: bool) -> CalibrationData:
     info, pipe, cn_model = _open_reference(source_path, components, settings, unet, controlnet)
+    if settings.guidance_scale is None:
+        settings = dataclasses.replace(settings, guidance_scale=pipeline_guidance(pipe))
     prompts = _pick_prompts(settings)
     recorder = _UNetRecorder(info, components, cn_model)
     feeds = recorder.feeds
@@ -371,6 +374,12 @@ def _record(source_path: Path, components: Sequence[str], height: int, width: in
         "dropped_for_size": dropped,
         "bytes": sum(a.nbytes for fs in feeds.values() for f in fs for a in f.values()),
     })
+
+
+def pipeline_guidance(pipe) -> float:
+    """The guidance scale a diffusers pipeline runs with when given none: 7.5 for SD's, 5.0 for SDXL's
+    text-to-image and img2img pipelines, 7.5 for SDXL inpainting."""
+    return float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
 
 
 def _open_reference(source_path: Path, components: Sequence[str], settings: CalibrationSettings, unet, controlnet):

@@ -602,7 +602,7 @@ def calibration_feeds(spec, module, options, settings=None) -> tuple[list[dict],
         "steps": settings.steps,
         "scheduler": data.info.get("scheduler"),
         "pipeline": data.info.get("pipeline"),  # the diffusers pipeline the inputs were recorded from
-        "guidance_scale": settings.guidance_scale,
+        "guidance_scale": data.info.get("settings", {}).get("guidance_scale", settings.guidance_scale),
         "resolution": [height, width],
         "residuals": data.info.get("residuals"),
         "cache_key": data.info.get("key"),

@@ -272,6 +272,28 @@ def text_encoder_spec(source: Source, info: ModelInfo) -> ComponentSpec:
     )
 
 
+def examples_by_name(inputs, info: ModelInfo, shape: Shape, gen: torch.Generator,
+                     **special: Callable[[list[int]], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Example tensors for a U-Net's ``inputs``, in order, sized for ``shape``: timesteps as integers in
+    [1, 1000), a ControlNet image in [0, 1), scales in [0.5, 1.5), noise for the rest; ``special`` maps
+    an input a model family adds (class labels, SDXL's time ids) to a function of its dims."""
+    sizes = _residual_sizes(shape, info)
+    tensors = []
+    for spec in inputs:
+        dims = [d if isinstance(d, int) else sizes[d] for d in spec.shape]
+        if spec.name in special:
+            tensors.append(special[spec.name](dims))
+        elif spec.name == "timestep":
+            tensors.append(torch.randint(1, 1000, dims, generator=gen).float())
+        elif spec.name == "controlnet_cond":
+            tensors.append(torch.rand(dims, generator=gen))
+        elif spec.name == "conditioning_scale":
+            tensors.append(torch.rand(dims, generator=gen) + 0.5)
+        else:
+            tensors.append(torch.randn(dims, generator=gen))
+    return tuple(tensors)
+
+
 def unet_spec(source: Source, info: ModelInfo, control: bool = False) -> ComponentSpec:
     seq, hidden = "S", info.text_hidden_size  # long prompts: 77 positions per chunk
     inputs = [
@@ -288,17 +310,8 @@ def unet_spec(source: Source, info: ModelInfo, control: bool = False) -> Compone
     n_res = len(info.control_residuals) if control else 0
 
     def example(shape: Shape, gen: torch.Generator):
-        sizes = _residual_sizes(shape, info)
-        tensors = []
-        for spec in inputs:
-            dims = [d if isinstance(d, int) else sizes[d] for d in spec.shape]
-            if spec.name == "timestep":
-                tensors.append(torch.randint(1, 1000, dims, generator=gen).float())
-            elif spec.name == "class_labels":
-                tensors.append(torch.randint(0, (info.max_noise_level or 0) + 1, dims, generator=gen))
-            else:
-                tensors.append(torch.randn(dims, generator=gen))
-        return tuple(tensors)
+        labels = lambda dims: torch.randint(0, (info.max_noise_level or 0) + 1, dims, generator=gen)  # noqa: E731
+        return examples_by_name(inputs, info, shape, gen, class_labels=labels)
 
     return ComponentSpec(
         name="unet_control" if control else "unet",

@@ -20,7 +20,7 @@ from runtime.manifest import ModelInfo, TensorSpec
 from sdexport.errors import OptionError, SourceError
 from sdexport.export.sdxl_info import has_text_encoder
 from sdexport.export.components import ComponentSpec, Shape, _f32, _residual_dims, _residual_sizes, _spatial, \
-    controlnet_output_names, residual_names, vae_decoder_spec, vae_encoder_spec
+    controlnet_output_names, examples_by_name, residual_names, vae_decoder_spec, vae_encoder_spec
 
 
 # --- torch wrappers ----------------------------------------------------------------------------
@@ -132,26 +132,12 @@ def _conditioning(info: ModelInfo, channels: int) -> list[TensorSpec]:
 
 
 def _example(inputs, info: ModelInfo, shape: Shape, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Example tensors for every input by name: real time ids (sizes, crop 0, a score), random others."""
-    sizes = _residual_sizes(shape, info)
+    """Example tensors by name, with real time ids (sizes, crop 0, the refiner's aesthetic score)."""
     time_ids = torch.tensor([float(shape.height), float(shape.width), 0.0, 0.0, float(shape.height),
                              float(shape.width)][:info.time_ids_length])
     if info.requires_aesthetics_score:
         time_ids[-1] = 6.0
-    tensors = []
-    for spec in inputs:
-        dims = [d if isinstance(d, int) else sizes[d] for d in spec.shape]
-        if spec.name == "timestep":
-            tensors.append(torch.randint(1, 1000, dims, generator=gen).float())
-        elif spec.name == "time_ids":
-            tensors.append(time_ids.repeat(dims[0], 1))
-        elif spec.name == "controlnet_cond":
-            tensors.append(torch.rand(dims, generator=gen))
-        elif spec.name == "conditioning_scale":
-            tensors.append(torch.rand(dims, generator=gen) + 0.5)
-        else:
-            tensors.append(torch.randn(dims, generator=gen))
-    return tuple(tensors)
+    return examples_by_name(inputs, info, shape, gen, time_ids=lambda dims: time_ids.repeat(dims[0], 1))
 
 
 def unet_spec(source, info: ModelInfo, control: bool = False) -> ComponentSpec:

@@ -102,11 +102,14 @@ def convert_from_torch(spec: ComponentSpec, module: torch.nn.Module, example: tu
 def convert_from_onnx(spec: ComponentSpec, module: torch.nn.Module, example: tuple, scratch: Path) -> ov.Model:
     import onnx
 
-    from sdexport.export.targets.onnx import clean_graph, export_torch, save
+    from sdexport.export.targets.onnx import clean_file, clean_graph, export_torch, has_external_data, save
 
     raw = scratch / "raw.onnx"
     export_torch(spec, module, example, raw)
-    files = save(clean_graph(onnx.load(str(raw))), scratch / "clean")
+    if has_external_data(raw):  # past 2 GB (SDXL's U-Net): weights streamed, not loaded
+        files = clean_file(raw, scratch / "clean")
+    else:
+        files = save(clean_graph(onnx.load(str(raw))), scratch / "clean")
     model = ov.convert_model(str(files[0]))
     # the ONNX graph keeps the dims symbolic; fix the ones the spec fixes
     model.reshape({model.inputs[i]: _partial_shape(t) for i, t in enumerate(spec.inputs)})
